@@ -1,0 +1,116 @@
+"""``solve``: x1 = ODESolve(velocity, x0) with a choice of gradient scheme, and the velocity
+conventions (``velocity(t, x)``; :class:`ModelVelocity` for models called as ``model(x, t)``)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .adjoint import adjoint_solve, find_params
+from .solvers import Plan, Velocity, check_solver, make_grid, step
+
+#: gradient schemes accepted by solve and optimize
+GRADIENTS = ("adjoint", "backprop")
+
+
+class ModelVelocity(nn.Module):
+    """Adapts a model called as ``model(x, t)`` with ``t`` of shape [B] to ``velocity(t, x)``.
+
+    ``t`` arrives as a 0-dim tensor (or [B]); it is broadcast to [B] for the model.
+    """
+
+    def __init__(self, model: nn.Module | Callable[[Tensor, Tensor], Tensor]):
+        super().__init__()
+        self.model = model
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.model(x, t.expand(x.shape[0]) if t.dim() == 0 else t)
+
+
+class CheckedVelocity:
+    """Calls the user's velocity, checks its output against x, and counts evaluations.
+
+    ``calls`` counts batched calls, ``rows`` the samples evaluated (sum of batch sizes)."""
+
+    def __init__(self, velocity: Velocity):
+        if not callable(velocity):
+            raise TypeError(f"velocity must be callable as velocity(t, x), got "
+                            f"{type(velocity).__name__}")
+        self.velocity = velocity
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
+        out = self.velocity(t, x)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"velocity must return a tensor, got {type(out).__name__}")
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(
+                f"velocity(t, x) must return a tensor like x: x is {tuple(x.shape)} {x.dtype} on "
+                f"{x.device}, the velocity returned {tuple(out.shape)} {out.dtype} on {out.device}")
+        self.calls += 1
+        self.rows += x.shape[0]
+        return out
+
+
+def check_x0(x0: Tensor, name: str = "x0") -> None:
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x0).__name__}")
+    if not x0.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x0.dtype}")
+    if x0.dim() < 1 or x0.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [B, *S] with B >= 1, got {tuple(x0.shape)}")
+    if not bool(torch.isfinite(x0).all()):
+        bad = (~torch.isfinite(x0.detach().reshape(x0.shape[0], -1))).any(1).nonzero().flatten()
+        raise ValueError(f"{name} has non-finite entries in sample(s) {bad.tolist()[:10]}")
+
+
+def check_gradient(gradient: str) -> None:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; choose one of {list(GRADIENTS)}")
+
+
+def make_plan(solver: str, steps: int | None, t0: float, t1: float,
+              time_grid: Sequence[float] | Tensor | None, like: Tensor) -> Plan:
+    check_solver(solver)
+    return Plan.build(solver, make_grid(steps, t0, t1, time_grid), like)
+
+
+def run(u: Velocity, plan: Plan, x0: Tensor, gradient: str, params: tuple[Tensor, ...],
+        guard: bool) -> Tensor:
+    """The solve itself, after validation (shared by solve, optimize and backward_blend)."""
+    if gradient == "adjoint":
+        return adjoint_solve(u, plan, x0, params, guard)
+    x = x0  # "backprop": autograd records the unrolled loop
+    for k in range(plan.steps):
+        x = step(u, plan, k, x)
+    return x
+
+
+def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: str = "midpoint",
+          gradient: str = "adjoint", t0: float = 0.0, t1: float = 1.0,
+          time_grid: Sequence[float] | Tensor | None = None,
+          params: Iterable[Tensor] = ()) -> Tensor:
+    """Integrate ``dx/dt = velocity(t, x)`` from ``x0`` with a fixed-step solver.
+
+    Args:
+        velocity: ``velocity(t, x) -> [B, *S]``; ``t`` is a 0-dim tensor on x's device and dtype.
+        x0: ``[B, *S]`` start state at ``t0``.
+        steps: number of uniform steps from ``t0`` to ``t1`` (or give ``time_grid``).
+        solver: ``"euler"`` or ``"midpoint"``.
+        gradient: ``"adjoint"`` (exact discrete adjoint; stores only the N states, recomputes each
+            step in the backward sweep) or ``"backprop"`` (autograd through the unrolled loop).
+        t0, t1: integration interval; ``t0 > t1`` integrates backward in time.
+        time_grid: 1-D strictly monotone grid ``[t_0, ..., t_N]``, overriding ``t0``/``t1``.
+        params: extra tensors the velocity depends on whose gradients are wanted
+            (``"adjoint"`` discovers module parameters, closure and global tensors itself).
+
+    Returns:
+        x1: ``[B, *S]``, the state at the end of the grid.
+    """
+    check_x0(x0)
+    check_gradient(gradient)
+    plan = make_plan(solver, steps, t0, t1, time_grid, x0)
+    found = find_params(velocity, params) if gradient == "adjoint" else ()
+    return run(CheckedVelocity(velocity), plan, x0, gradient, found, guard=True)

@@ -1,0 +1,144 @@
+"""Fixed-step ODE solvers (Euler, midpoint): the time grid, one forward step, and one step's
+vector-Jacobian product for the discrete adjoint.
+
+Notation follows DESIGN.md section 2: steps k = 0..N-1 on a grid t_0 .. t_N (increasing for a
+forward solve, decreasing for a backward one), h = t_{k+1} - t_k, ``a`` is the cotangent of x_{k+1}.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _ops
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+
+#: velocity evaluations per step, by solver name
+SOLVERS = {"euler": 1, "midpoint": 2}
+
+
+def check_solver(solver: str) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+
+
+def make_grid(steps: int | None, t0: float, t1: float,
+              time_grid: Sequence[float] | Tensor | None) -> list[float]:
+    """The time grid as Python floats (float64): ``time_grid`` if given, else ``steps`` uniform
+    steps from t0 to t1. Raises ValueError on a bad grid before any work."""
+    if time_grid is not None:
+        if isinstance(time_grid, Tensor):
+            if time_grid.dim() != 1:
+                raise ValueError(f"time_grid must be 1-D, got shape {tuple(time_grid.shape)}")
+            grid = [float(t) for t in time_grid.detach().cpu().double()]
+        else:
+            grid = [float(t) for t in time_grid]
+        if len(grid) < 2:
+            raise ValueError(f"time_grid needs at least 2 points, got {len(grid)}")
+        if steps is not None and steps != len(grid) - 1:
+            raise ValueError(f"steps={steps} disagrees with time_grid of {len(grid)} points "
+                             f"({len(grid) - 1} steps); pass one of them")
+        if not all(math.isfinite(t) for t in grid):
+            raise ValueError("time_grid has non-finite entries")
+        diffs = [b - a for a, b in zip(grid[:-1], grid[1:])]
+        if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+            raise ValueError("time_grid must be strictly monotone (increasing, or decreasing "
+                             "for a backward solve)")
+        return grid
+    if steps is None:
+        raise ValueError("pass steps (an int >= 1) or time_grid")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    t0, t1 = float(t0), float(t1)
+    if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
+        raise ValueError(f"t0 and t1 must be finite and differ, got t0={t0}, t1={t1}")
+    return [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
+
+
+@dataclass
+class Plan:
+    """A solve's static description: solver, grid, and its time points as 0-dim tensors on x's
+    device and dtype (built once per solve with one host-to-device copy)."""
+
+    solver: str
+    grid: list[float]
+    times: Tensor  # [2N]: t_k for k < N, then the midpoints (t_k + t_{k+1}) / 2
+
+    @classmethod
+    def build(cls, solver: str, grid: list[float], like: Tensor) -> "Plan":
+        n = len(grid) - 1
+        pts = grid[:-1] + [0.5 * (grid[k] + grid[k + 1]) for k in range(n)]
+        return cls(solver, grid, torch.tensor(pts, dtype=like.dtype, device=like.device))
+
+    @property
+    def steps(self) -> int:
+        return len(self.grid) - 1
+
+    @property
+    def nfe_per_solve(self) -> int:
+        return SOLVERS[self.solver] * self.steps
+
+    def h(self, k: int) -> float:
+        return self.grid[k + 1] - self.grid[k]
+
+    def t(self, k: int) -> Tensor:
+        return self.times[k]
+
+    def tmid(self, k: int) -> Tensor:
+        return self.times[self.steps + k]
+
+
+def step(u: Velocity, plan: Plan, k: int, x: Tensor) -> Tensor:
+    """x_{k+1} from x_k. Runs under whatever grad mode the caller set."""
+    h = plan.h(k)
+    if plan.solver == "euler":
+        return _ops.axpy(x, u(plan.t(k), x), h)
+    v1 = u(plan.t(k), x)
+    xm = _ops.axpy(x, v1, 0.5 * h)
+    return _ops.axpy(x, u(plan.tmid(k), xm), h)
+
+
+def _vjp(out: Tensor, inputs: tuple[Tensor, ...], cot: Tensor) -> tuple[Tensor | None, ...]:
+    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
+
+
+def step_vjp(u: Velocity, plan: Plan, k: int, x: Tensor, a: Tensor,
+             params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor | None]]:
+    """Pull the cotangent ``a`` of x_{k+1} back to x_k by recomputing step k with grad enabled.
+
+    Returns ``(a_prev [B, *S], grads of params)``. Midpoint (DESIGN.md section 2)::
+
+        w2 = vjp(t + h/2, xm, h a);  w1 = vjp(t, x, (h/2) w2);  a_prev = a + w2 + w1
+
+    The parameter gradients of both evaluations are returned summed; None where unused.
+    """
+    h = plan.h(k)
+    with torch.enable_grad():
+        xl = x.detach().requires_grad_(True)
+        v1 = u(plan.t(k), xl)
+        if plan.solver == "euler":
+            w, *gp = _vjp(v1, (xl, *params), _ops.scale(a, h))
+            return _ops.accumulate(a, _zero_if_none(w, a)), gp
+        # The stage state is rebuilt from a detached v1 so that the second evaluation's graph
+        # starts at xm; the first evaluation's graph (v1) stays alive for its own VJP.
+        xm = _ops.axpy(x, v1.detach(), 0.5 * h).requires_grad_(True)
+        v2 = u(plan.tmid(k), xm)
+        w2, *gp2 = _vjp(v2, (xm, *params), _ops.scale(a, h))
+        w2 = _zero_if_none(w2, a)
+        w1, *gp1 = _vjp(v1, (xl, *params), _ops.scale(w2, 0.5 * h))
+    return _ops.accumulate(a, w2, _zero_if_none(w1, a)), [_add(p, q) for p, q in zip(gp2, gp1)]
+
+
+def _zero_if_none(w: Tensor | None, like: Tensor) -> Tensor:
+    # A velocity that ignores x (e.g. constant in x) has no path to it: its VJP is zero.
+    return torch.zeros_like(like) if w is None else w
+
+
+def _add(p: Tensor | None, q: Tensor | None) -> Tensor | None:
+    if p is None:
+        return q
+    return p if q is None else p + q
