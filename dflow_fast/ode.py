@@ -61,8 +61,9 @@ def check_x0(x0: Tensor, name: str = "x0") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x0.dtype}")
     if x0.dim() < 1 or x0.shape[0] < 1:
         raise ValueError(f"{name} must have shape [B, *S] with B >= 1, got {tuple(x0.shape)}")
-    if not bool(torch.isfinite(x0).all()):
-        bad = (~torch.isfinite(x0.detach().reshape(x0.shape[0], -1))).any(1).nonzero().flatten()
+    finite = torch.isfinite(x0.detach())  # detached: isfinite would otherwise save x0 for backward
+    if not bool(finite.all()):
+        bad = (~finite.reshape(x0.shape[0], -1)).any(1).nonzero().flatten()
         raise ValueError(f"{name} has non-finite entries in sample(s) {bad.tolist()[:10]}")
 
 

@@ -15,6 +15,7 @@ from .solvers import Plan, Velocity
 
 Cost = Callable[[Tensor], Tensor]
 OPTIMIZERS = ("lbfgs", "adam")
+DEFAULT_STEPS = 6
 
 
 @dataclass
@@ -120,7 +121,7 @@ class _Objective:
         return f.detach(), g, x1.detach()
 
 
-def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int] = 6,
+def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int] = None,
              solver: str = "midpoint", gradient: str = "adjoint", optimizer: str = "lbfgs",
              max_iter: int = 20, max_eval: Optional[int] = None, lr: Optional[float] = None,
              history_size: int = 10, tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
@@ -140,7 +141,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             always receives the full batch; rows of stopped samples hold their final x1.
         x0: ``[B, *S]`` initial source points (Gaussian noise, or :func:`backward_blend`).
         steps, solver, t0, t1, time_grid: the ODE solve, as in :func:`solve`. Defaults follow the
-            paper's recipe as publicly re-implemented: midpoint, 6 steps from t=0 to t=1.
+            paper's recipe as publicly re-implemented: midpoint, 6 steps (``steps=None`` without
+            a ``time_grid`` means 6) from t=0 to t=1.
         gradient: ``"adjoint"`` (default; exact, memory of one step) or ``"backprop"``.
         optimizer: ``"lbfgs"`` (default; per-sample histories and strong-Wolfe line search) or
             ``"adam"``.
@@ -177,6 +179,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     for name, tol in (("tolerance_grad", tolerance_grad), ("tolerance_change", tolerance_change)):
         if not (isinstance(tol, (int, float)) and tol >= 0):
             raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
+    if steps is None and time_grid is None:
+        steps = DEFAULT_STEPS
     plan = make_plan(solver, steps, t0, t1, time_grid, x0)
 
     cuda = x0.is_cuda

@@ -38,7 +38,7 @@ def solve(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor, *, steps: Op
     return x
 
 
-def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = 6, solver: str = "midpoint",
+def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver: str = "midpoint",
              gradient: str = "backprop", optimizer: str = "lbfgs", max_iter: int = 20,
              max_eval: Optional[int] = None, lr: Optional[float] = None, history_size: int = 10,
              tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, t0: float = 0.0,
@@ -49,6 +49,8 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = 6, solver: st
     ``gradient`` is accepted for signature compatibility; the reference always backpropagates.
     ``callback`` is called with the iteration number after each iteration; ``progress`` is ignored.
     """
+    if steps is None and time_grid is None:
+        steps = 6
     start = time.perf_counter()
     x = x0.detach().clone().requires_grad_(True)
     calls = [0]
