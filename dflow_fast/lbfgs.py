@@ -18,33 +18,10 @@ from typing import Callable, Generator, Optional
 import torch
 from torch import Tensor
 
+from . import _reference
+
 # evaluate(idx [n] int64 or None for all, X [n, D]) -> (f [n], g [n, D], x1 [n, *S])
 Evaluate = Callable[[Optional[Tensor], Tensor], "tuple[Tensor, Tensor, Tensor]"]
-
-
-def lbfgs_direction(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: Tensor) -> Tensor:
-    """Search directions ``d = -H g`` of the batched two-loop recursion.
-
-    Args:
-        g: [B, D] gradients.
-        S, Y: [B, m, D] step and gradient-change histories, oldest first, newest at index m-1;
-            empty slots are zero with ``rho = 0``, which makes them exact no-ops.
-        rho: [B, m] ``1 / <y, s>`` per slot.
-        gamma: [B] initial inverse-Hessian scale ``<s, y> / <y, y>`` of the newest pair.
-    Returns:
-        d: [B, D]
-    """
-    m = S.shape[1]
-    q = g.neg()
-    alpha = torch.zeros_like(rho)
-    for j in range(m - 1, -1, -1):
-        alpha[:, j] = rho[:, j] * (S[:, j] * q).sum(-1)
-        q = q - alpha[:, j, None] * Y[:, j]
-    r = q * gamma[:, None]
-    for j in range(m):
-        beta = rho[:, j] * (Y[:, j] * r).sum(-1)
-        r = r + (alpha[:, j] - beta)[:, None] * S[:, j]
-    return r
 
 
 @dataclass
@@ -169,8 +146,11 @@ def _finite_rows(f: Tensor, g: Tensor) -> list[bool]:
 
 def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int, lr: float,
                   history_size: int, tolerance_grad: float, tolerance_change: float,
-                  on_iteration: Callable[[Samples, Tensor, Tensor], bool] | None = None):
+                  on_iteration: Callable[[Samples, Tensor, Tensor], bool] | None = None,
+                  direction: Callable = _reference.lbfgs_direction):
     """Minimize B independent objectives from ``x`` [B, D].
+
+    ``direction(g, S, Y, rho, gamma)`` is the two-loop recursion of the chosen backend.
 
     ``on_iteration(samples, x, f)`` runs after every batched iteration; returning True stops all.
     Returns ``(x [B, D], f [B], x1 [B, *S], samples)``; each sample ends on its last accepted
@@ -199,7 +179,7 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int
         if not act:
             break
         idx = torch.tensor(act, device=x.device)
-        d = lbfgs_direction(g[idx], S[idx], Y[idx], rho[idx], gamma[idx])
+        d = direction(g[idx], S[idx], Y[idx], rho[idx], gamma[idx])
         gtd = (g[idx] * d).sum(1).tolist()
         g_l1 = g[idx].abs().sum(1).tolist()
         d_inf = d.abs().amax(1).tolist()

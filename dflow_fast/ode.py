@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .adjoint import adjoint_solve, find_params
+from .backends import resolve
 from .solvers import Plan, Velocity, check_solver, make_grid, step
 
 #: gradient schemes accepted by solve and optimize
@@ -73,9 +74,11 @@ def check_gradient(gradient: str) -> None:
 
 
 def make_plan(solver: str, steps: int | None, t0: float, t1: float,
-              time_grid: Sequence[float] | Tensor | None, like: Tensor) -> Plan:
+              time_grid: Sequence[float] | Tensor | None, like: Tensor,
+              backend: str | None = None) -> Plan:
     check_solver(solver)
-    return Plan.build(solver, make_grid(steps, t0, t1, time_grid), like)
+    grid = make_grid(steps, t0, t1, time_grid)
+    return Plan.build(solver, grid, like, resolve(backend, like.device))
 
 
 def run(u: Velocity, plan: Plan, x0: Tensor, gradient: str, params: tuple[Tensor, ...],
@@ -92,7 +95,7 @@ def run(u: Velocity, plan: Plan, x0: Tensor, gradient: str, params: tuple[Tensor
 def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: str = "midpoint",
           gradient: str = "adjoint", t0: float = 0.0, t1: float = 1.0,
           time_grid: Sequence[float] | Tensor | None = None,
-          params: Iterable[Tensor] = ()) -> Tensor:
+          params: Iterable[Tensor] = (), backend: str | None = None) -> Tensor:
     """Integrate ``dx/dt = velocity(t, x)`` from ``x0`` with a fixed-step solver.
 
     Args:
@@ -106,12 +109,15 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
         time_grid: 1-D strictly monotone grid ``[t_0, ..., t_N]``, overriding ``t0``/``t1``.
         params: extra tensors the velocity depends on whose gradients are wanted
             (``"adjoint"`` discovers module parameters, closure and global tensors itself).
+        backend: ``"auto"`` (default: ``$DFLOW_FAST_BACKEND`` or the fastest available),
+            ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``: who runs the solver's state
+            algebra (see :mod:`dflow_fast.backends`).
 
     Returns:
         x1: ``[B, *S]``, the state at the end of the grid.
     """
     check_x0(x0)
     check_gradient(gradient)
-    plan = make_plan(solver, steps, t0, t1, time_grid, x0)
+    plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend)
     found = find_params(velocity, params) if gradient == "adjoint" else ()
     return run(CheckedVelocity(velocity), plan, x0, gradient, found, guard=True)

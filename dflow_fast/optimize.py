@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .lbfgs import Samples, batched_lbfgs
+from .priors import ChiPrior
 from .ode import CheckedVelocity, check_gradient, check_x0, make_plan, run
 from .solvers import Plan, Velocity
 
@@ -102,7 +103,8 @@ class _Objective:
             full = x1 if idx is None else self.x1_full.index_put((idx,), x1)
             c = self._cost(full)
             f = c if idx is None else c[idx]
-            if self.reg is not None:
+            fused = isinstance(self.reg, ChiPrior)  # value and gradient in one fused op
+            if self.reg is not None and not fused:
                 f = f + self.reg(x0)
             g = None
             if grad:
@@ -110,6 +112,10 @@ class _Objective:
                     raise ValueError("cost(x1) does not depend on x1: there is nothing to optimize")
                 g, = torch.autograd.grad(f.sum(), x0)
                 g = g.reshape(n, -1)
+        if fused:
+            _, value, rgrad = self.plan.ops.chi_prior(X.detach(), self.reg.weight)
+            f = f + value.to(f.dtype)
+            g = None if g is None else g + rgrad
         used = self.u.calls - calls
         if idx is None:
             self.nfe += used
@@ -128,7 +134,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
              t0: float = 0.0, t1: float = 1.0, time_grid: Sequence[float] | Tensor | None = None,
              regularization: Optional[Cost] = None,
              callback: Optional[Callable[[IterationInfo], Optional[bool]]] = None,
-             progress: bool = False) -> OptimizeResult:
+             progress: bool = False, backend: Optional[str] = None) -> OptimizeResult:
     """D-Flow: minimize ``cost(x1(x0)) + regularization(x0)`` over the source points x0.
 
     Every sample is an independent problem with its own optimizer state; samples that stop
@@ -156,6 +162,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         callback: called with an :class:`IterationInfo` after every batched iteration; returning
             True stops all samples (status ``"callback"``).
         progress: show a tqdm bar with the mean loss and the number of active samples.
+        backend: who runs the solver's state algebra and the optimizer's batched algebra
+            (two-loop recursion, χ_d prior), as in :func:`solve`.
 
     Returns:
         :class:`OptimizeResult`.
@@ -181,7 +189,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
-    plan = make_plan(solver, steps, t0, t1, time_grid, x0)
+    plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend)
 
     cuda = x0.is_cuda
     if cuda:
@@ -214,7 +222,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             X, f, x1, smp = batched_lbfgs(
                 obj, X, max_iter=max_iter, max_eval=max_eval, lr=lr,
                 history_size=history_size, tolerance_grad=tolerance_grad,
-                tolerance_change=tolerance_change, on_iteration=on_iteration)
+                tolerance_change=tolerance_change, on_iteration=on_iteration,
+                direction=plan.ops.lbfgs_direction)
         else:
             X, f, x1, smp = _adam(obj, X, max_iter=max_iter, lr=lr,
                                   tolerance_grad=tolerance_grad, on_iteration=on_iteration)

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _reference
 from .solvers import Velocity
 
 
@@ -32,17 +33,15 @@ class ChiPrior:
 
     def grad(self, x0: Tensor) -> Tensor:
         """Closed-form gradient ``weight * (x0 - (d - 1) x0 / ||x0||^2)``, shape of x0."""
-        flat = x0.reshape(x0.shape[0], -1)
-        d = flat.shape[1]
-        sq = flat.pow(2).sum(1, keepdim=True)
-        return (self.weight * (flat - (d - 1) * flat / sq)).reshape(x0.shape)
+        return _reference.chi_prior(x0.reshape(x0.shape[0], -1), self.weight)[2].reshape(x0.shape)
 
     def __repr__(self) -> str:
         return f"ChiPrior(weight={self.weight})"
 
 
 def backward_blend(velocity: Velocity, x1_guess: Tensor, *, alpha: float = 0.1, steps: int = 6,
-                   solver: str = "midpoint", generator: torch.Generator | None = None) -> Tensor:
+                   solver: str = "midpoint", generator: torch.Generator | None = None,
+                   backend: str | None = None) -> Tensor:
     """Initial x0 for D-Flow from a data-space guess (e.g. the degraded observation).
 
     Solves the ODE backward (t = 1 -> 0) from ``x1_guess`` [B, *S] and blends the result with
@@ -54,7 +53,7 @@ def backward_blend(velocity: Velocity, x1_guess: Tensor, *, alpha: float = 0.1, 
     check_x0(x1_guess, "x1_guess")
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    plan = make_plan(solver, steps, 1.0, 0.0, None, x1_guess)
+    plan = make_plan(solver, steps, 1.0, 0.0, None, x1_guess, backend)
     with torch.no_grad():
         x0_back = run(CheckedVelocity(velocity), plan, x1_guess.detach(), "backprop", (), False)
         noise = torch.randn(x1_guess.shape, generator=generator, dtype=x1_guess.dtype,

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
+from .backends import Ops
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
@@ -61,18 +61,20 @@ def make_grid(steps: int | None, t0: float, t1: float,
 
 @dataclass
 class Plan:
-    """A solve's static description: solver, grid, and its time points as 0-dim tensors on x's
-    device and dtype (built once per solve with one host-to-device copy)."""
+    """A solve's static description: solver, grid, its time points as 0-dim tensors on x's
+    device and dtype (built once per solve with one host-to-device copy), and the backend ops that
+    perform the state algebra."""
 
     solver: str
     grid: list[float]
     times: Tensor  # [2N]: t_k for k < N, then the midpoints (t_k + t_{k+1}) / 2
+    ops: Ops
 
     @classmethod
-    def build(cls, solver: str, grid: list[float], like: Tensor) -> "Plan":
+    def build(cls, solver: str, grid: list[float], like: Tensor, ops: Ops) -> "Plan":
         n = len(grid) - 1
         pts = grid[:-1] + [0.5 * (grid[k] + grid[k + 1]) for k in range(n)]
-        return cls(solver, grid, torch.tensor(pts, dtype=like.dtype, device=like.device))
+        return cls(solver, grid, torch.tensor(pts, dtype=like.dtype, device=like.device), ops)
 
     @property
     def steps(self) -> int:
@@ -94,12 +96,12 @@ class Plan:
 
 def step(u: Velocity, plan: Plan, k: int, x: Tensor) -> Tensor:
     """x_{k+1} from x_k. Runs under whatever grad mode the caller set."""
-    h = plan.h(k)
+    h, axpy = plan.h(k), plan.ops.axpy
     if plan.solver == "euler":
-        return _ops.axpy(x, u(plan.t(k), x), h)
+        return axpy(x, u(plan.t(k), x), h)
     v1 = u(plan.t(k), x)
-    xm = _ops.axpy(x, v1, 0.5 * h)
-    return _ops.axpy(x, u(plan.tmid(k), xm), h)
+    xm = axpy(x, v1, 0.5 * h)
+    return axpy(x, u(plan.tmid(k), xm), h)
 
 
 def _vjp(out: Tensor, inputs: tuple[Tensor, ...], cot: Tensor) -> tuple[Tensor | None, ...]:
@@ -116,21 +118,22 @@ def step_vjp(u: Velocity, plan: Plan, k: int, x: Tensor, a: Tensor,
 
     The parameter gradients of both evaluations are returned summed; None where unused.
     """
-    h = plan.h(k)
+    h, ops = plan.h(k), plan.ops
     with torch.enable_grad():
         xl = x.detach().requires_grad_(True)
         v1 = u(plan.t(k), xl)
         if plan.solver == "euler":
-            w, *gp = _vjp(v1, (xl, *params), _ops.scale(a, h))
-            return _ops.accumulate(a, _zero_if_none(w, a)), gp
+            w, *gp = _vjp(v1, (xl, *params), a * h)
+            return ops.adjoint_euler(a, _zero_if_none(w, a)), gp
         # The stage state is rebuilt from a detached v1 so that the second evaluation's graph
         # starts at xm; the first evaluation's graph (v1) stays alive for its own VJP.
-        xm = _ops.axpy(x, v1.detach(), 0.5 * h).requires_grad_(True)
+        xm = ops.axpy(x, v1.detach(), 0.5 * h).requires_grad_(True)
         v2 = u(plan.tmid(k), xm)
-        w2, *gp2 = _vjp(v2, (xm, *params), _ops.scale(a, h))
+        w2, *gp2 = _vjp(v2, (xm, *params), a * h)
         w2 = _zero_if_none(w2, a)
-        w1, *gp1 = _vjp(v1, (xl, *params), _ops.scale(w2, 0.5 * h))
-    return _ops.accumulate(a, w2, _zero_if_none(w1, a)), [_add(p, q) for p, q in zip(gp2, gp1)]
+        w1, *gp1 = _vjp(v1, (xl, *params), w2 * (0.5 * h))
+    return (ops.adjoint_midpoint(a, w2, _zero_if_none(w1, a)),
+            [_add(p, q) for p, q in zip(gp2, gp1)])
 
 
 def _zero_if_none(w: Tensor | None, like: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""Triton kernels of dflow_fast (installed as ``dflow_fast.kernels``).
+"""Triton kernels of dflow_fast (installed as ``dflow_fast.kernels``): not written yet."""
 
-Empty until the compiled-core issue lands: the fused solver-step and adjoint updates will live
-here, each with its PyTorch twin in ``dflow_fast._ops`` and a parity test.
-"""
+
+def check_available() -> None:
+    raise ImportError("the Triton kernels are not implemented yet")
