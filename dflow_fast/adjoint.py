@@ -8,9 +8,9 @@ unrolled loop up to rounding, at the activation memory of one step.
 Gradients reach x0 and the tensors the velocity depends on that require grad. Those tensors must be
 inputs of the autograd.Function, so they are discovered (:func:`find_params`) from an nn.Module
 velocity, a bound method of one, a functools.partial, or a function's closure and the globals it
-names; ``params=`` adds more. The backward sweep checks the first recomputed graph and raises if
-the velocity reached a tensor requiring grad that was not discovered, instead of silently dropping
-its gradient.
+names, unless the caller lists them (``solve(..., params=[...])``). After discovery, the backward
+sweep checks the first recomputed graph and raises if the velocity reached a tensor requiring grad
+that was not discovered, instead of silently dropping its gradient.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from .solvers import Plan, Velocity, step, step_vjp
 
 
-def find_params(velocity: Any, extra: Iterable[Tensor] = ()) -> tuple[Tensor, ...]:
+def find_params(velocity: Any) -> tuple[Tensor, ...]:
     """Tensors requiring grad that ``velocity`` can reach, deduplicated, in discovery order."""
     found: dict[int, Tensor] = {}
     seen: set[int] = set()
@@ -71,10 +71,6 @@ def find_params(velocity: Any, extra: Iterable[Tensor] = ()) -> tuple[Tensor, ..
             visit(vars(obj), depth + 1)  # a callable object holding tensors or modules
 
     visit(velocity, 0)
-    for t in extra:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"params must be tensors, got {type(t).__name__}")
-        add(t)
     return tuple(found.values())
 
 

@@ -95,7 +95,7 @@ def run(u: Velocity, plan: Plan, x0: Tensor, gradient: str, params: tuple[Tensor
 def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: str = "midpoint",
           gradient: str = "adjoint", t0: float = 0.0, t1: float = 1.0,
           time_grid: Sequence[float] | Tensor | None = None,
-          params: Iterable[Tensor] = (), backend: str | None = None) -> Tensor:
+          params: Iterable[Tensor] | None = None, backend: str | None = None) -> Tensor:
     """Integrate ``dx/dt = velocity(t, x)`` from ``x0`` with a fixed-step solver.
 
     Args:
@@ -107,8 +107,13 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
             step in the backward sweep) or ``"backprop"`` (autograd through the unrolled loop).
         t0, t1: integration interval; ``t0 > t1`` integrates backward in time.
         time_grid: 1-D strictly monotone grid ``[t_0, ..., t_N]``, overriding ``t0``/``t1``.
-        params: extra tensors the velocity depends on whose gradients are wanted
-            (``"adjoint"`` discovers module parameters, closure and global tensors itself).
+        params: with ``"adjoint"``, the tensors besides x0 that receive gradients. ``None``
+            (default) discovers them: parameters of an nn.Module velocity and tensors requiring
+            grad in its closure or named globals; a tensor it cannot discover raises in the
+            backward rather than losing its gradient. An explicit list (``[]`` for x0 only) is
+            taken as is and everything else is a constant: pass ``params=[]`` when only x0's
+            gradient is wanted from a model whose weights require grad, so the backward sweep
+            does not compute weight gradients nobody asked for.
         backend: ``"auto"`` (default: ``$DFLOW_FAST_BACKEND`` or the fastest available),
             ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``: who runs the solver's state
             algebra (see :mod:`dflow_fast.backends`).
@@ -119,5 +124,11 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
     check_x0(x0)
     check_gradient(gradient)
     plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend)
-    found = find_params(velocity, params) if gradient == "adjoint" else ()
-    return run(CheckedVelocity(velocity), plan, x0, gradient, found, guard=True)
+    if params is None:
+        found, guard = (find_params(velocity) if gradient == "adjoint" else ()), True
+    else:
+        found, guard = tuple(params), False
+        for p in found:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params must be tensors, got {type(p).__name__}")
+    return run(CheckedVelocity(velocity), plan, x0, gradient, found, guard=guard)

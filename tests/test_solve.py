@@ -223,7 +223,7 @@ def test_undiscoverable_tensor_raises_instead_of_dropping_its_gradient():
     x1 = df.solve(vel, x0, steps=2)
     with pytest.raises(RuntimeError, match="params="):
         x1.sum().backward()
-    x1 = df.solve(vel, x0, steps=2, params=[h.w])  # named explicitly: fine, and exact
+    x1 = df.solve(vel, x0, steps=2, params=[h.w])  # listed explicitly: fine, and exact
     gw = torch.autograd.grad(x1.sum(), h.w)[0]
     gw_ref = torch.autograd.grad(df.solve(vel, x0, steps=2, gradient="backprop").sum(), h.w)[0]
     assert rel_err(gw, gw_ref) <= 1e-12
@@ -250,3 +250,15 @@ def test_t_is_a_scalar_tensor_on_x_dtype():
              solver="midpoint")
     assert [s[:2] for s in seen] == [(0, torch.float64)] * 4
     assert [s[2] for s in seen] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_explicit_empty_params_skips_weight_gradients():
+    """params=[] asks for x0's gradient only: the backward sweep differentiates no weights."""
+    velocity, shape = make_velocity("conv", torch.float64)  # weights require grad
+    x0 = torch.randn(2, *shape, dtype=torch.float64, requires_grad=True)
+    x1 = df.solve(velocity, x0, steps=3, params=[])
+    x1.pow(2).sum().backward()
+    assert all(p.grad is None for p in velocity.parameters())
+    g_ref = torch.autograd.grad(df.solve(velocity, x0, steps=3, gradient="backprop").pow(2).sum(),
+                                x0)[0]
+    assert rel_err(x0.grad, g_ref) <= 1e-12

@@ -1,0 +1,128 @@
+"""Smoke benchmarks: one gradient d cost(x1)/d x0 per method on tiny CPU problems.
+
+Timing is recorded by pytest-benchmark but never asserted (DESIGN.md section 7); what is asserted
+is that every method's gradient matches ``dflow_fast.reference`` and that the memory meter sees
+what the adjoint is supposed to keep. Cases marked ``gpu`` use the 35M-parameter net and skip
+without CUDA.
+
+    python -m pytest bench/test_bench_smoke.py -q --benchmark-disable   # parity only
+    python -m pytest bench/test_bench_smoke.py -q                       # plus timings
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dflow_fast
+from bench import common as C
+
+STEPS, BATCH = 4, 2
+# float32 gradients through a few network evaluations: rounding is ~1e-7 relative (the float64
+# column of bench_gradient.py); 1e-5 leaves room for reordered sums without hiding a wrong formula.
+TOL_F32 = 1e-5
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="CUDA is not available: gpu benchmark cases need a GPU")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Timings of tiny problems are dominated by thread hand-offs; one thread is steadier.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _problem(config: str, batch: int, device="cpu", dtype=torch.float32, seed: int = 0):
+    """(net, velocity, x0 [B, *S], target [B, *S]) with fixed seeds."""
+    net, shape = C.build_velocity(config, device=device, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x0 = torch.randn(batch, *shape, generator=gen, dtype=torch.float64)
+    target = torch.randn(batch, *shape, generator=gen, dtype=torch.float64)
+    return (net, dflow_fast.ModelVelocity(net), x0.to(device, dtype),
+            target.to(device, dtype))
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint"])
+@pytest.mark.parametrize("method", C.METHODS)
+def test_gradient_cpu(benchmark, method, solver):
+    net, velocity, x0, target = _problem("tiny", BATCH)
+    kw = dict(steps=STEPS, solver=solver)
+    g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
+    benchmark.group = f"gradient-cpu-{solver}"
+    benchmark.extra_info.update(steps=STEPS, batch=BATCH, net="tiny", method=method)
+    g = benchmark.pedantic(C.one_gradient, args=(method, velocity, x0, target), kwargs=kw,
+                           rounds=5, warmup_rounds=1, iterations=1)
+    assert g.shape == x0.shape and bool(torch.isfinite(g).all())
+    # The net must actually bend the flow, or parity would hold for any solver gradient: the
+    # gradient of the cost at x1 = x0 (zero velocity) has to differ clearly from g.
+    g_identity = 2 * (x0 - target) / x0[0].numel()
+    assert C.rel_err(g_identity, g_ref) > 1e-2
+    assert C.rel_err(g, g_ref) <= TOL_F32
+
+
+@pytest.mark.parametrize("method", ["backprop", "adjoint"])
+def test_gradient_float64_parity(method):
+    """In float64 the schemes agree with the reference to rounding of float64."""
+    net, velocity, x0, target = _problem("tiny", BATCH, dtype=torch.float64)
+    kw = dict(steps=STEPS, solver="midpoint")
+    g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
+    assert C.rel_err(C.one_gradient(method, velocity, x0, target, **kw), g_ref) <= 1e-12
+
+
+def test_saved_bytes_adjoint_keeps_one_state_per_step():
+    """The meter sees the adjoint's N stored states after the forward, a one-step graph at its
+    peak, and the reference's graph growing with steps."""
+    net, velocity, x0, target = _problem("tiny", BATCH)
+    state = x0.numel() * x0.element_size()
+    meters = {}
+    for steps in (2, 4):
+        for method in ("reference", "adjoint"):
+            g, meters[method, steps] = C.saved_bytes_gradient(method, velocity, net, x0, target,
+                                                              steps=steps, solver="midpoint")
+            assert meters[method, steps].live == 0  # everything saved was released by backward
+    # after forward: N states + the cost's saved (x1 - target)
+    for steps in (2, 4):
+        assert meters["adjoint", steps].after_forward == (steps + 1) * state
+    grow_ref = meters["reference", 4].peak - meters["reference", 2].peak
+    grow_adj = meters["adjoint", 4].peak - meters["adjoint", 2].peak
+    assert grow_ref > 10 * state  # two more steps of network activations
+    assert 0 <= grow_adj <= 2 * state  # two more states at most
+    assert meters["adjoint", 4].peak < meters["reference", 4].peak / 2
+
+
+def test_guard_oom_records_oom():
+    def boom():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+    assert C.guard_oom(boom) == "oom"
+    with pytest.raises(ValueError):
+        C.guard_oom(lambda: (_ for _ in ()).throw(ValueError("not an OOM")))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("method", C.METHODS)
+def test_gradient_gpu(benchmark, method):
+    """The 35M-parameter net at batch 8, 3x64x64, 10 midpoint steps (DESIGN.md section 2's
+    setting); parity at TF32-level tolerance, out of memory recorded as a skip."""
+    device = torch.device("cuda")
+    net, velocity, x0, target = _problem("gpu", 8, device=device)
+    kw = dict(steps=10, solver="midpoint")
+    g_ref = C.guard_oom(lambda: C.one_gradient("reference", velocity, x0, target, **kw), device)
+    if isinstance(g_ref, str):
+        pytest.skip("reference gradient ran out of GPU memory")
+
+    benchmark.group = "gradient-gpu-midpoint"
+    benchmark.extra_info.update(steps=10, batch=8, net="gpu", method=method)
+
+    def run():
+        g = C.one_gradient(method, velocity, x0, target, **kw)
+        torch.cuda.synchronize(device)
+        return g
+    g = C.guard_oom(lambda: benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1),
+                    device)
+    if isinstance(g, str):
+        pytest.skip(f"{method} ran out of GPU memory")
+    assert bool(torch.isfinite(g).all())
+    assert C.rel_err(g, g_ref) <= 3e-4
