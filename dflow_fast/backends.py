@@ -78,8 +78,7 @@ def load(name: str) -> Ops:
             from . import kernels
             kernels.check_available()
         except ImportError as e:
-            raise BackendUnavailable(
-                f"backend 'triton' needs the triton package ({e}): pip install triton") from e
+            raise BackendUnavailable(f"backend 'triton' is unavailable: {e}") from e
         return _from_namespace("triton", kernels)
     raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {list(BACKENDS)}")
 

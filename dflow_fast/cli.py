@@ -10,6 +10,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dflow-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    f = sub.add_parser("demo", help="D-Flow on held-out Fashion-MNIST test images with the "
+                       "bundled flow model: PNG grids and a JSON/Markdown report")
+    f.add_argument("--n", type=int, default=8, help="test images per task")
+    f.add_argument("--tasks", nargs="+", default=None,
+                   help="tasks (default: all): inpaint_box inpaint_random sr2 sr4 deblur "
+                        "denoise class")
+    f.add_argument("--steps", type=int, default=6, help="midpoint steps of the ODE solve")
+    f.add_argument("--max-iter", type=int, default=15, help="L-BFGS iterations")
+    f.add_argument("--sigma", type=float, default=0.05, help="measurement noise std")
+    f.add_argument("--no-reference", action="store_true",
+                   help="skip the per-image reference path")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--out", default="demo_out/fashion")
+    f.add_argument("--seed", type=int, default=0)
+
     d = sub.add_parser("demo-digits", help="train a tiny flow on sklearn digits and inpaint")
     d.add_argument("--n", type=int, default=16, help="held-out digits to inpaint")
     d.add_argument("--train-steps", type=int, default=1500)
@@ -21,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="print build_info()")
 
     args = parser.parse_args(argv)
-    if args.command == "demo-digits":
+    if args.command == "demo":
+        from .demo import DEFAULT_TASKS, run as run_demo
+        run_demo(n=args.n, tasks=args.tasks or DEFAULT_TASKS, steps=args.steps,
+                 max_iter=args.max_iter, sigma=args.sigma, out=args.out, seed=args.seed,
+                 reference=not args.no_reference, device=args.device)
+        print(open(f"{args.out}/report.md").read())
+        print(f"wrote {args.out}/<task>.png, report.json and report.md")
+    elif args.command == "demo-digits":
         from .demo_digits import run
         report = run(n=args.n, train_steps=args.train_steps, steps=args.steps,
                      max_iter=args.max_iter, out=args.out, seed=args.seed)

@@ -116,20 +116,33 @@ class Identity(LinearOperator):
 
 @dataclass
 class Problem:
-    """One batch of problem instances.
+    """One batch of problem instances, B of them.
 
-    ``y``: the observation; ``guess``: a data-space start [B, C, H, W] for backward_blend;
-    ``display``: the observation shown as an image of x's size; ``cost(x1) -> [B]``.
+    ``y``: the observation ([B, ...] for linear tasks, target labels [B] for ``class``);
+    ``guess``: a data-space start [B, C, H, W] for backward_blend; ``display``: the observation
+    shown as an image of x's size; ``cost(x1) -> [B]``; ``select(rows)``: the sub-batch.
     """
 
     name: str
-    cost: Callable[[Tensor], Tensor]
     y: Tensor
     guess: Tensor
     display: Tensor
     operator: Optional[LinearOperator] = None
     sigma: float = 0.0
-    labels: Optional[Tensor] = None
+    classifier: Optional[Callable[[Tensor], Tensor]] = None
+
+    def cost(self, x1: Tensor) -> Tensor:
+        if self.operator is None:  # class-conditional: cross-entropy of the target label
+            return F.cross_entropy(self.classifier(x1), self.y, reduction="none")
+        return (self.operator(x1) - self.y).pow(2).flatten(1).sum(1)
+
+    def select(self, rows) -> "Problem":
+        """The problem restricted to samples ``rows`` (e.g. one image for a per-image loop)."""
+        op = self.operator
+        if isinstance(op, Mask) and op.mask.shape[0] > 1:  # per-sample masks
+            op = Mask(op.mask[rows], op.name)
+        return Problem(self.name, self.y[rows], self.guess[rows], self.display[rows], op,
+                       self.sigma, self.classifier)
 
 
 def linear_problem(name: str, op: LinearOperator, x: Tensor, sigma: float,
@@ -137,26 +150,17 @@ def linear_problem(name: str, op: LinearOperator, x: Tensor, sigma: float,
     """``y = A x + sigma * noise``; cost ``||A x1 - y||^2`` summed per sample."""
     ax = op(x)
     y = ax + sigma * torch.randn(ax.shape, generator=generator, dtype=x.dtype).to(x.device)
-
-    def cost(x1: Tensor) -> Tensor:
-        return (op(x1) - y).pow(2).flatten(1).sum(1)
-
     guess = op.pseudo_inverse_guess(y).clamp(-1, 1)
     display = y if isinstance(op, Mask) else guess  # masked pixels show as 0 (mid-gray)
-    return Problem(name, cost, y, guess, display, op, sigma)
+    return Problem(name, y, guess, display, op, sigma)
 
 
 def class_problem(classifier: Callable[[Tensor], Tensor], labels: Tensor, shape,
-                  dtype=torch.float32, device="cpu", scale: float = 1.0) -> Problem:
-    """Class-conditional generation: ``cost = scale * CE(classifier(x1), label)`` per sample.
-    The guess is zeros (a neutral image) so backward_blend starts from nearly pure noise."""
-    labels = labels.to(device)
-
-    def cost(x1: Tensor) -> Tensor:
-        return scale * F.cross_entropy(classifier(x1), labels, reduction="none")
-
+                  dtype=torch.float32, device="cpu") -> Problem:
+    """Class-conditional generation: ``cost = CE(classifier(x1), label)`` per sample. The guess is
+    a blank image, so backward_blend starts from nearly pure noise."""
     blank = torch.zeros((len(labels), *shape), dtype=dtype, device=device)
-    return Problem("class", cost, labels, blank, blank, None, 0.0, labels)
+    return Problem("class", labels.to(device), blank, blank, None, 0.0, classifier)
 
 
 def make(name: str, x: Tensor, *, sigma: float = 0.05, missing: float = 0.7,

@@ -51,6 +51,9 @@ def test_linear_problem_costs(task):
     m = p.y[0].numel()
     assert (c < 3 * 0.05**2 * m).all()
     assert (p.cost(torch.zeros_like(x)) > c).all()
+    for rows in ([2], slice(0, 2)):
+        sub = p.select(rows)
+        assert rel_err(sub.cost(x[rows]), c[rows]) <= 1e-6
 
 
 def test_class_problem_cost():
@@ -61,6 +64,8 @@ def test_class_problem_cost():
     c = p.cost(x)
     assert c.shape == (5,)
     assert rel_err(c, torch.nn.functional.cross_entropy(clf(x), labels, reduction="none")) < 1e-6
+    sub = p.select(slice(1, 3))
+    assert rel_err(sub.cost(x[1:3]), c[1:3]) < 1e-6
     with pytest.raises(ValueError, match="needs classifier"):
         problems.make("class", x)
     with pytest.raises(ValueError, match="unknown task"):
