@@ -52,7 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40])
     p.add_argument("--batch", type=int, help="default: tiny 2, small 4, gpu 8")
     p.add_argument("--solver", choices=["midpoint", "euler"], default="midpoint")
-    p.add_argument("--methods", nargs="+", choices=list(C.METHODS), default=list(C.METHODS))
+    p.add_argument("--methods", nargs="+", default=list(C.METHODS),
+                   help="reference, backprop, adjoint, or <gradient>-<backend> such as "
+                        "adjoint-cuda, adjoint-triton, adjoint-torch")
     p.add_argument("--repeats", type=int, help="timed repeats (default: 3 on cpu, 5 on cuda)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--threads", type=int, default=1,

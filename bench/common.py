@@ -285,15 +285,19 @@ def solve_by(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: Tens
              steps: int, solver: str) -> Tensor:
     """x1 ``[B, *S]`` from x0 ``[B, *S]`` by ``method``: ``"reference"``
     (dflow_fast.reference.solve, autograd through the plain loop), ``"backprop"`` or
-    ``"adjoint"`` (dflow_fast.solve's gradient schemes)."""
+    ``"adjoint"`` (dflow_fast.solve's gradient schemes with the default backend "auto"), or
+    ``"<gradient>-<backend>"`` for an explicit backend, e.g. ``"adjoint-cuda"``."""
     import dflow_fast
     import dflow_fast.reference
 
     if method == "reference":
         return dflow_fast.reference.solve(velocity, x0, steps=steps, solver=solver)
-    if method in ("backprop", "adjoint"):
-        return dflow_fast.solve(velocity, x0, steps=steps, solver=solver, gradient=method)
-    raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    gradient, _, backend = method.partition("-")
+    if gradient in ("backprop", "adjoint"):
+        return dflow_fast.solve(velocity, x0, steps=steps, solver=solver, gradient=gradient,
+                                backend=backend or None)
+    raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)} or "
+                     f"'<gradient>-<backend>'")
 
 
 def one_gradient(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor,

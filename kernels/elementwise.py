@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _op_autograd as _ag
 from ._common import LOW_DTYPES, check_same, check_scalar, split_f64, wrap_triton
 
 # Memory-bound: 16 elements per thread (4 x 16-byte vectors for fp32) keeps enough loads in flight
@@ -92,29 +93,10 @@ def _adjoint_midpoint_op(a: Tensor, w2: Tensor, w1: Tensor) -> Tensor:
     return out
 
 
-def _axpy_setup(ctx, inputs, output):
-    ctx.h = inputs[2]
-
-
-def _axpy_backward(ctx, g):
-    return g, g * ctx.h, None
-
-
-def _pass_through_2(ctx, g):
-    return g, g
-
-
-def _pass_through_3(ctx, g):
-    return g, g, g
-
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
-_axpy_op.register_autograd(_axpy_backward, setup_context=_axpy_setup)
-_adjoint_euler_op.register_autograd(_pass_through_2, setup_context=_no_setup)
-_adjoint_midpoint_op.register_autograd(_pass_through_3, setup_context=_no_setup)
+# One set of autograd formulas for every compiled backend (dflow_fast/_op_autograd.py).
+_axpy_op.register_autograd(_ag.axpy_backward, setup_context=_ag.axpy_setup)
+_adjoint_euler_op.register_autograd(_ag.adjoint_euler_backward, setup_context=_ag.no_setup)
+_adjoint_midpoint_op.register_autograd(_ag.adjoint_midpoint_backward, setup_context=_ag.no_setup)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _op_autograd as _ag
 from ._common import LOW_DTYPES, check_device, check_tensor, wrap_triton
 
 # A sample's sweeps run on one SM, so its bandwidth is bounded by the bytes in flight: large
@@ -113,6 +114,10 @@ def _lbfgs_direction_op(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: Ten
     wrap_triton(_lbfgs_kernel)[(B,)](g, S, Y, rho, gamma, alpha, work, out, m, D,
                                      BLOCK=BLOCK, SEPARATE_OUT=low, num_warps=NUM_WARPS)
     return out
+
+
+# Not differentiable, like the C++/CUDA op: the backward raises a clear error.
+_lbfgs_direction_op.register_autograd(_ag.lbfgs_direction_backward, setup_context=_ag.no_setup)
 
 
 def lbfgs_direction(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: Tensor) -> Tensor:

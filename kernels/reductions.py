@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import _op_autograd as _ag
 from ._common import (LOW_DTYPES, check_device, check_scalar, check_tensor, split_f64,
                       wrap_triton)
 
@@ -100,28 +101,8 @@ def _chi_prior_op(x: Tensor, weight: float) -> Tuple[Tensor, Tensor, Tensor]:
     return sq, value, grad
 
 
-def _chi_setup(ctx, inputs, output):
-    x, weight = inputs
-    sq, _, grad = output
-    ctx.weight = weight
-    ctx.save_for_backward(x, sq)
-    # The gradient output is a value, not a function of x to differentiate through.
-    ctx.mark_non_differentiable(grad)
-
-
-def _chi_backward(ctx, g_sq, g_value, g_grad):
-    """d sq/dx = 2x and d value/dx = weight (1 - (D-1)/sq) x, in fp32 for fp16/bf16."""
-    x, sq = ctx.saved_tensors
-    xf = x.float() if x.dtype in LOW_DTYPES else x
-    coef = torch.zeros_like(sq)
-    if g_sq is not None:
-        coef = coef + 2.0 * g_sq
-    if g_value is not None:
-        coef = coef + g_value * (ctx.weight * (1.0 - (x.shape[1] - 1) / sq))
-    return (coef[:, None] * xf).to(x.dtype), None
-
-
-_chi_prior_op.register_autograd(_chi_backward, setup_context=_chi_setup)
+# Same formulas as the C++/CUDA op, the grad output included (dflow_fast/_op_autograd.py).
+_chi_prior_op.register_autograd(_ag.chi_prior_backward, setup_context=_ag.chi_prior_setup)
 
 
 def chi_prior(x: Tensor, weight: float) -> Tuple[Tensor, Tensor, Tensor]:

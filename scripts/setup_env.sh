@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything dflow_fast needs on a fresh machine: a virtualenv in .venv with the CPU build of
-# torch 2.13.0, the package (editable) with its test and data extras, and the offline datasets.
-# Idempotent: a second run only checks. Usage: source-free, `bash scripts/setup_env.sh`.
+# torch 2.13.0, the package (editable) with its compiled core dflow_fast._C and its test and data
+# extras, and the offline datasets. Idempotent: a second run only checks (and recompiles nothing
+# that is up to date). Usage: source-free, `bash scripts/setup_env.sh`.
+# The C++ extension compiles against the torch installed here (no GPU or nvcc needed: CPU kernels
+# only); DFLOW_FAST_NO_EXT=1 installs pure Python instead. Other switches: see setup.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,10 +16,14 @@ python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,data]"
+# Build tools first: the extension builds with --no-build-isolation against the torch above (an
+# isolated build would download a multi-GB CUDA torch); ninja compiles its files in parallel.
+python -m pip install -q setuptools wheel ninja
+python -m pip install -q --no-build-isolation -e ".[test,data]"
 # Fashion-MNIST is a Debian package (files under /usr/share/datasets/fashion-mnist/).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
-python -c "import dflow_fast, torch; print('dflow_fast', dflow_fast.__version__, 'torch', torch.__version__)"
+python -c "import dflow_fast, torch; i = dflow_fast.build_info(); print('dflow_fast', \
+dflow_fast.__version__, 'torch', torch.__version__, 'backends', ','.join(i['backends']))"

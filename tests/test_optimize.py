@@ -10,7 +10,7 @@ import torch
 import dflow_fast as df
 from dflow_fast import reference
 
-from conftest import make_velocity, rel_err
+from _helpers import make_velocity, rel_err
 from test_solve import closed_form, gaussian_fm_velocity
 
 F64 = torch.float64

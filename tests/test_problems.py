@@ -8,7 +8,7 @@ import torch
 
 from dflow_fast import metrics, problems
 
-from conftest import rel_err
+from _helpers import rel_err
 
 OPS = {
     "box": lambda: problems.Mask(problems.center_box_mask(28, 28), "box"),
