@@ -144,7 +144,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", 'triton; platform_system == "Linux"'],
-        "data": ["scikit-learn", "mlxtend", "scikit-image", "matplotlib"],
+        "data": ["scikit-learn", "mlxtend", "torchmetrics", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "torchdiffeq", "flow_matching"],
     },
     entry_points={"console_scripts": ["dflow-fast = dflow_fast.cli:main"]},
