@@ -17,8 +17,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="tasks (default: all): inpaint_box inpaint_random sr2 sr4 deblur "
                         "denoise class")
     f.add_argument("--steps", type=int, default=6, help="midpoint steps of the ODE solve")
-    f.add_argument("--max-iter", type=int, default=15, help="L-BFGS iterations")
-    f.add_argument("--sigma", type=float, default=0.05, help="measurement noise std")
+    f.add_argument("--max-iter", type=int, default=40, help="L-BFGS iterations")
+    f.add_argument("--alpha", type=float, default=0.5, help="backward-blend alpha")
+    f.add_argument("--sigma", type=float, default=0.05,
+                   help="measurement noise std (denoise: 0.2)")
     f.add_argument("--no-reference", action="store_true",
                    help="skip the per-image reference path")
     f.add_argument("--device", default="cpu")
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import DEFAULT_TASKS, run as run_demo
         run_demo(n=args.n, tasks=args.tasks or DEFAULT_TASKS, steps=args.steps,
-                 max_iter=args.max_iter, sigma=args.sigma, out=args.out, seed=args.seed,
+                 max_iter=args.max_iter, sigma=args.sigma, alpha=args.alpha, out=args.out,
+                 seed=args.seed,
                  reference=not args.no_reference, device=args.device)
         print(open(f"{args.out}/report.md").read())
         print(f"wrote {args.out}/<task>.png, report.json and report.md")

@@ -21,6 +21,9 @@ from .data import fashion_mnist
 from .models import load_pretrained
 
 DEFAULT_TASKS = problems.TASKS
+#: measurement noise std per task (images in [-1, 1]); denoising uses the classic sigma = 25/255
+#: on [0, 1] images, the other tasks a light 0.05 (about 6/255)
+TASK_SIGMA = {"denoise": 0.2}
 
 
 def _peak_memory(device: torch.device) -> int | None:
@@ -41,7 +44,7 @@ def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Ten
     with torch.no_grad():
         blend = solve(flow, x0, steps=steps)
     res = optimize(flow, p.cost, x0, steps=steps, max_iter=max_iter, progress=progress)
-    row = {"task": task, "n": n, "dflow_fast": _summary(res, n)}
+    row = {"task": task, "n": n, "sigma": sigma, "dflow_fast": _summary(res, n)}
     images = [truth, p.display, blend, res.x1]
     titles = ["truth", "observation", "blend only", "D-Flow (dflow_fast)"]
     if run_reference:
@@ -80,10 +83,15 @@ def _summary(res, n: int) -> dict:
             "peak_memory": res.peak_memory}
 
 
-def run(n: int = 8, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 15, sigma: float = 0.05,
-        alpha: float = 0.1, out: str | Path = "demo_out/fashion", seed: int = 0,
+def run(n: int = 8, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 40, sigma: float = 0.05,
+        alpha: float = 0.5, out: str | Path = "demo_out/fashion", seed: int = 0,
         reference: bool = True, progress: bool = True, device: str = "cpu") -> dict:
-    """Run the demo; returns the report (also written to ``out``/report.json and report.md)."""
+    """Run the demo; returns the report (also written to ``out``/report.json and report.md).
+
+    ``alpha=0.5`` keeps more of the observation in the backward-blend start than the paper's 0.1
+    (the library default): at this small iteration budget it converges to a better fit (measured
+    on inpainting, super-resolution and deblurring of 8 test images). ``sigma`` is the measurement
+    noise of every task but denoising (see TASK_SIGMA)."""
     for t in tasks:
         if t not in problems.TASKS:
             raise ValueError(f"unknown task {t!r}; choose from {list(problems.TASKS)}")
@@ -101,7 +109,8 @@ def run(n: int = 8, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 15, sig
               "tasks": []}
     for task in tasks:
         row, grid = run_task(task, flow, classifier, truth, labels, steps=steps,
-                             max_iter=max_iter, sigma=sigma, alpha=alpha, seed=seed,
+                             max_iter=max_iter, sigma=TASK_SIGMA.get(task, sigma), alpha=alpha,
+                             seed=seed,
                              run_reference=reference, progress=progress)
         report["tasks"].append(row)
         save_grid(out / f"{task}.png", grid)
@@ -112,7 +121,8 @@ def run(n: int = 8, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 15, sig
 
 def to_markdown(report: dict) -> str:
     lines = [f"# D-Flow demo: {report['n']} Fashion-MNIST test images, {report['solver']}, "
-             f"{report['optimizer']}, noise sigma {report['sigma']}", "",
+             f"{report['optimizer']}, backward-blend alpha {report['alpha']}, noise sigma "
+             f"{report['sigma']} (denoise {TASK_SIGMA['denoise']})", "",
              "| task | metric | observation | blend only | D-Flow (dflow_fast) | reference "
              "(per image) | dflow_fast s | reference s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
