@@ -86,7 +86,7 @@ def _summary(res, n: int) -> dict:
             "peak_memory": res.peak_memory}
 
 
-def run(n: int = 8, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 40, sigma: float = 0.05,
+def run(n: int = 6, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 40, sigma: float = 0.05,
         alpha: float = 0.5, out: str | Path = "demo_out/fashion", seed: int = 0,
         reference: bool = True, progress: bool = True, device: str = "cpu") -> dict:
     """Run the demo; returns the report (also written to ``out``/report.json and report.md).

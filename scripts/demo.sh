@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up (scripts/setup_env.sh), then run the D-Flow demo. Extra arguments go to the
-# demo command (see `dflow-fast demo-digits --help`).
+# demo command (see `dflow-fast demo --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
-dflow-fast demo-digits "$@"
+dflow-fast demo "$@"
