@@ -5,7 +5,9 @@
   benchmarks do not depend on a trained checkpoint ("tiny" for tests, "small" for CPU runs,
   "gpu" 35M parameters at 3x64x64 for CUDA runs).
 - :func:`one_gradient`: d cost(x1)/d x0 by one of the methods being compared.
-- :class:`SavedBytesMeter` (CPU memory) and :func:`cuda_peak` (CUDA memory).
+- :func:`solve_by` also runs the peers (torch.utils.checkpoint, torchdiffeq, flow_matching) and a
+  one-network-VJP baseline; :func:`available_methods` lists what runs here.
+- :class:`SavedBytesMeter` and :class:`RssPeak` (CPU memory) and :func:`cuda_peak` (CUDA).
 - :func:`time_cpu` / :func:`time_cuda`: wall times of repeats after warm-up;
   :func:`time_interleaved`: the same for several functions, round-robin.
 - :func:`guard_oom`: run a measurement and return ``"oom"`` instead of raising.
@@ -281,23 +283,164 @@ def mse_cost(x1: Tensor, target: Tensor) -> Tensor:
     return (x1 - target).pow(2).flatten(1).mean(1)
 
 
+#: peers and baselines that :func:`solve_by` also knows (benchmark-only: dflow_fast never imports
+#: torchdiffeq or flow_matching). "vjp" is no solve but one network evaluation, the unit of the
+#: memory goal ("one network VJP's peak").
+PEER_METHODS = ("checkpoint", "torchdiffeq", "torchdiffeq-adjoint", "torchdiffeq-adjoint-ss",
+                "flow_matching")
+BASELINE_METHODS = ("vjp",)
+
+
+def peer_available(method: str) -> Optional[str]:
+    """None if ``method``'s package imports, else the reason it cannot run."""
+    module = {"torchdiffeq": "torchdiffeq", "flow_matching": "flow_matching"}.get(
+        method.split("-")[0])
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except ImportError as e:
+        return f"{module} is not installed ({e}); pip install {module} (setup.py extra 'bench')"
+    return None
+
+
+def import_peers() -> None:
+    """Import what the peers import (torch.utils.checkpoint pulls in torch._dynamo), so that the
+    first measured call does not pay for it."""
+    import torch.utils.checkpoint  # noqa: F401
+    for m in ("torchdiffeq", "flow_matching.solver"):
+        try:
+            __import__(m)
+        except ImportError:
+            pass
+    try:
+        torch.utils.checkpoint.checkpoint(lambda x: x * 2, torch.ones(1, requires_grad=True),
+                                          use_reentrant=False).sum().backward()
+    except Exception:  # only a warm-up
+        pass
+
+
+def available_methods(device: torch.device | str) -> list[str]:
+    """Every method that can run on ``device`` here: the reference, dflow_fast's backprop, its
+    adjoint on each backend that loads for the device, and the installed peers."""
+    import dflow_fast
+
+    dev = torch.device(device).type
+    usable = {"cpu": ("torch", "cpp"), "cuda": ("torch", "cuda", "triton")}.get(dev, ("torch",))
+    backends = [b for b in dflow_fast.build_info()["backends"] if b in usable]
+    methods = ["reference", "backprop"] + [f"adjoint-{b}" for b in backends]
+    return methods + [m for m in PEER_METHODS if peer_available(m) is None] + ["vjp"]
+
+
+def _grid(steps: int) -> list[float]:
+    return [k / steps for k in range(steps + 1)]  # t0=0, t1=1: dflow_fast.reference's grid
+
+
+def _step(velocity, x: Tensor, ta: float, h: float, solver: str) -> Tensor:
+    """One Euler or midpoint step, the formulas of dflow_fast.reference.solve."""
+    t = torch.tensor(ta, dtype=x.dtype, device=x.device)
+    if solver == "euler":
+        return x + h * velocity(t, x)
+    tm = torch.tensor(ta + h / 2, dtype=x.dtype, device=x.device)
+    return x + h * velocity(tm, x + (h / 2) * velocity(t, x))
+
+
+def _checkpoint_solve(velocity, x0: Tensor, *, steps: int, solver: str) -> Tensor:
+    """Plain loop with ``torch.utils.checkpoint`` around every step: the forward keeps each step's
+    input, the backward re-runs one step at a time (the textbook way to trade time for memory)."""
+    from torch.utils.checkpoint import checkpoint
+
+    grid = _grid(steps)
+    x = x0
+    for ta, tb in zip(grid[:-1], grid[1:]):
+        x = checkpoint(_step, velocity, x, ta, tb - ta, solver, use_reentrant=False)
+    return x
+
+
+def _torchdiffeq_solve(velocity, x0: Tensor, *, steps: int, solver: str, adjoint: bool,
+                       step_size: bool) -> Tensor:
+    """torchdiffeq's fixed-grid solver. ``step_size=False``: ``t`` lists all N+1 grid points (the
+    solution at each is returned, and odeint_adjoint stores all of them and restarts its backward
+    solve of x from each); ``True``: ``t = [0, 1]`` with ``options={"step_size": 1/N}`` (only x1 is
+    kept; odeint_adjoint reconstructs x by integrating backward: O(1) memory, larger error)."""
+    import torchdiffeq
+
+    if step_size:
+        t = torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device)
+        options = {"step_size": 1.0 / steps}
+    else:
+        t = torch.tensor(_grid(steps), dtype=x0.dtype, device=x0.device)
+        options = None
+    if adjoint:
+        # adjoint_params=(): x0's gradient only, as every other method here computes.
+        return torchdiffeq.odeint_adjoint(velocity, x0, t, method=solver, options=options,
+                                          adjoint_params=())[-1]
+    return torchdiffeq.odeint(velocity, x0, t, method=solver, options=options)[-1]
+
+
+def _flow_matching_solve(velocity, x0: Tensor, *, steps: int, solver: str) -> Tensor:
+    """flow_matching's ``ODESolver.sample`` (torchdiffeq underneath, step_size 1/N) with gradients
+    enabled; its velocity is a ``ModelWrapper`` called as ``forward(x, t, **extras)``."""
+    from flow_matching.solver import ODESolver
+    from flow_matching.utils import ModelWrapper
+
+    class Wrapped(ModelWrapper):
+        def forward(self, x: Tensor, t: Tensor, **extras) -> Tensor:
+            return self.model(t, x)
+
+    return ODESolver(velocity_model=Wrapped(velocity)).sample(
+        x_init=x0, step_size=1.0 / steps, method=solver,
+        time_grid=torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device), enable_grad=True)
+
+
 def solve_by(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor, *,
              steps: int, solver: str) -> Tensor:
-    """x1 ``[B, *S]`` from x0 ``[B, *S]`` by ``method``: ``"reference"``
-    (dflow_fast.reference.solve, autograd through the plain loop), ``"backprop"`` or
-    ``"adjoint"`` (dflow_fast.solve's gradient schemes with the default backend "auto"), or
-    ``"<gradient>-<backend>"`` for an explicit backend, e.g. ``"adjoint-cuda"``."""
+    """x1 ``[B, *S]`` from x0 ``[B, *S]`` by ``method``:
+
+    - ``"reference"``: dflow_fast.reference.solve, autograd through the plain loop;
+    - ``"backprop"`` or ``"adjoint"``: dflow_fast.solve's gradient schemes with the default
+      backend "auto", or ``"<gradient>-<backend>"`` for an explicit backend, e.g. ``"adjoint-cpp"``;
+    - peers (:data:`PEER_METHODS`): ``"checkpoint"`` (torch.utils.checkpoint per step),
+      ``"torchdiffeq"`` (odeint, backprop, t = the grid), ``"torchdiffeq-adjoint"``
+      (odeint_adjoint, t = the grid), ``"torchdiffeq-adjoint-ss"`` (odeint_adjoint, t = [0, 1] and
+      step_size 1/N), ``"flow_matching"`` (ODESolver.sample, enable_grad=True);
+    - ``"vjp"``: no solve, ``velocity(0.5, x0)`` once (one network evaluation and, under a
+      gradient, its VJP: the unit of the adjoint's memory goal).
+    """
     import dflow_fast
     import dflow_fast.reference
 
     if method == "reference":
         return dflow_fast.reference.solve(velocity, x0, steps=steps, solver=solver)
+    if method == "vjp":
+        return velocity(torch.tensor(0.5, dtype=x0.dtype, device=x0.device), x0)
+    if method == "checkpoint":
+        return _checkpoint_solve(velocity, x0, steps=steps, solver=solver)
+    if method in ("torchdiffeq", "torchdiffeq-adjoint", "torchdiffeq-adjoint-ss"):
+        return _torchdiffeq_solve(velocity, x0, steps=steps, solver=solver,
+                                  adjoint="adjoint" in method, step_size=method.endswith("-ss"))
+    if method == "flow_matching":
+        return _flow_matching_solve(velocity, x0, steps=steps, solver=solver)
     gradient, _, backend = method.partition("-")
     if gradient in ("backprop", "adjoint"):
         return dflow_fast.solve(velocity, x0, steps=steps, solver=solver, gradient=gradient,
                                 backend=backend or None)
-    raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)} or "
+    raise ValueError(f"unknown method {method!r}; choose one of "
+                     f"{list(METHODS + PEER_METHODS + BASELINE_METHODS)} or "
                      f"'<gradient>-<backend>'")
+
+
+class CountingVelocity(nn.Module):
+    """``velocity(t, x)`` that counts its calls (``n``): a module, so torchdiffeq and
+    flow_matching take it as they take a model."""
+
+    def __init__(self, velocity: Callable[[Tensor, Tensor], Tensor]):
+        super().__init__()
+        self.velocity, self.n = velocity, 0
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        self.n += 1
+        return self.velocity(t, x)
 
 
 def one_gradient(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor,
@@ -378,7 +521,10 @@ class SavedBytesMeter:
         else:
             rec[0] += 1
         self.n_saved += 1
-        return _Saved(t, self, ptr)
+        # Detached: a saved output holding itself (tensor -> grad_fn -> saved -> tensor) would be
+        # a reference cycle that keeps graphs run with retain_graph=True (torchdiffeq's
+        # odeint_adjoint) alive until the next gc; autograd gives an unpacked tensor its history.
+        return _Saved(t.detach(), self, ptr)
 
     @staticmethod
     def _unpack(obj):
@@ -421,6 +567,57 @@ def saved_bytes_gradient(method: str, velocity, net: nn.Module, x0: Tensor, targ
     return g, meter
 
 
+class RssPeak:
+    """CPU memory of a call as the operating system sees it: the process's peak resident set size
+    during the call minus its resident size before (Linux: ``VmHWM`` after resetting it through
+    ``/proc/self/clear_refs``, then ``VmRSS``/``VmHWM`` from ``/proc/self/status``).
+
+    Unlike :class:`SavedBytesMeter` it needs no cooperation from autograd, so it also sees what
+    ``torch.utils.checkpoint`` keeps (its own saved-tensor hooks hide it from the meter) and the
+    transients (gradient buffers, convolution workspaces). Freed memory that malloc keeps instead
+    of returning to the system would hide reuse, so every measurement starts with
+    ``gc.collect()`` and glibc's ``malloc_trim(0)``; large tensors are mmap'ed and unmapped on
+    free, so the peak tracks them. Measure after one warm-up call (first calls allocate caches).
+    """
+
+    _libc = None
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return RssPeak._status("VmHWM") is not None
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(key: str) -> Optional[int]:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+        return None
+
+    @classmethod
+    def measure(cls, fn: Callable[[], Any]) -> tuple[Any, int]:
+        """``(fn(), peak resident bytes during fn above the resident bytes before it)``."""
+        gc.collect()
+        if cls._libc is None:
+            import ctypes
+            try:
+                cls._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                cls._libc = False
+        if cls._libc:
+            cls._libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        base = cls._status("VmRSS")
+        out = fn()
+        return out, max(0, cls._status("VmHWM") - base)
+
+
 def cuda_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
     """Run ``fn`` once; returns ``(its result, peak bytes allocated above what was allocated
     before the call)``, i.e. the memory the call itself needed on top of weights and inputs."""
@@ -436,15 +633,19 @@ def cuda_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
 
 # ----------------------------------------------------------------------------- time
 
-def time_cpu(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1) -> list[float]:
-    """Wall times (s) of ``repeats`` calls after ``warmup`` untimed ones (``time.perf_counter``)."""
+def time_cpu(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1,
+             clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Times (s) of ``repeats`` calls after ``warmup`` untimed ones: wall time
+    (``time.perf_counter``), or pass ``clock=time.process_time`` for this process's CPU time (with
+    one torch thread, the wall time of an unshared core: other processes on a shared machine do
+    not inflate it, though they still compete for caches and memory bandwidth)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -469,20 +670,22 @@ def time_cuda(fn: Callable[[], Any], device: torch.device, *, repeats: int = 5,
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device | str, *,
-                     repeats: int, warmup: int = 1) -> dict[str, list[float] | str]:
+                     repeats: int, warmup: int = 1,
+                     clock: Callable[[], float] = time.perf_counter
+                     ) -> dict[str, list[float] | str]:
     """Times (s) of several functions measured round-robin: each round calls every function once.
 
     On a shared machine, load from other processes comes in bursts; interleaving spreads a burst
     over all the methods instead of inflating one of them, which keeps the ratios between them
     meaningful. ``warmup`` untimed rounds come first. A function that runs out of memory is
-    recorded as ``"oom"`` and leaves the rotation."""
+    recorded as ``"oom"`` and leaves the rotation. ``clock``: see :func:`time_cpu` (CPU only)."""
     device = torch.device(device)
     if device.type == "cuda":
         def once(fn):
             return time_cuda(fn, device, repeats=1, warmup=0)[0]
     else:
         def once(fn):
-            return time_cpu(fn, repeats=1, warmup=0)[0]
+            return time_cpu(fn, repeats=1, warmup=0, clock=clock)[0]
     out: dict[str, list[float] | str] = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():

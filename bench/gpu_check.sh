@@ -3,7 +3,8 @@
 #   1. build the extension with the CUDA kernels against the machine's own torch (no venv, offline);
 #   2. the parity suites for the cuda and triton backends (fp32, fp16, bf16, fp64);
 #   3. kernel microbenchmarks (bandwidth vs copy bandwidth, speedup vs eager PyTorch);
-#   4. the end-to-end gradient benchmark through the 35M-parameter U-Net.
+#   4. the end-to-end gradient benchmark through the 35M-parameter U-Net;
+#   5. peers (torchdiffeq, flow_matching, checkpoint), D-Flow end to end, the benchmark suite.
 # Results (JSON, Markdown, logs) go to ${OUT:-bench/results/gpu}; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,24 @@ step "gradient benchmark (35M U-Net, 64x64)"
 $PY bench/bench_gradient.py --device cuda --config gpu --steps 5 10 20 40 --batch 8 \
     --methods reference backprop adjoint-torch adjoint-cuda adjoint-triton \
     --out "$OUT/gradient_cuda.json" --plot 2>&1 | tail -30 || status=1
+
+# Benchmark runs added with bench_peers.py / bench_e2e.py / test_bench_suite.py. The peers are
+# pure-Python wheels from PyPI; on an offline machine point PEER_WHEELS at a folder holding them
+# (`pip download --no-deps -d wheels torchdiffeq flow_matching` where PyPI is reachable).
+step "peers: one gradient vs reference, checkpoint, torchdiffeq, flow_matching (35M U-Net)"
+if [ -n "${PEER_WHEELS:-}" ]; then
+  $PY -m pip install -q --no-deps --no-index --find-links "$PEER_WHEELS" torchdiffeq flow_matching \
+    || echo "peer wheels not installed: peers are left out"
+fi
+$PY bench/bench_peers.py --device cuda --config gpu --out "$OUT/peers_cuda.json" 2>&1 | tail -60 \
+  || status=1
+
+step "end to end: D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)"
+$PY bench/bench_e2e.py --device cuda --out "$OUT/e2e_cuda.json" 2>&1 | tail -25 || status=1
+
+step "benchmark suite: gpu cases (pytest-benchmark JSON)"
+$PY -m pytest bench/test_bench_suite.py bench/test_bench_smoke.py -q -p no:cacheprovider -m gpu \
+    --benchmark-json="$OUT/suite_gpu.json" 2>&1 | tail -15 || status=1
 
 step "summary"
 tail -3 "$OUT/parity.txt"

@@ -5,14 +5,18 @@ Public API:
     solve(velocity, x0, *, steps, solver, gradient, ...) -> x1
     optimize(velocity, cost, x0, *, steps, solver, gradient, optimizer, ...) -> OptimizeResult
     ChiPrior(weight), backward_blend(velocity, x1_guess, *, alpha, ...), ModelVelocity(model)
+    reconstruction_drift(velocity, x0, *, solver, steps, ...), ReconstructionWarning:
+        the reversible solvers' rebuild error (docs/reversible.md)
     dflow_fast.reference: the plain-PyTorch paper recipe (oracle and baseline)
 """
 from ._build import build_info
 from .ode import ModelVelocity, solve
 from .optimize import IterationInfo, OptimizeResult, optimize
 from .priors import ChiPrior, backward_blend
+from .reversible import ReconstructionWarning, reconstruction_drift
 
 __version__ = "0.1.0"
 
 __all__ = ["solve", "optimize", "OptimizeResult", "IterationInfo", "ChiPrior", "backward_blend",
-           "ModelVelocity", "build_info", "__version__"]
+           "ModelVelocity", "build_info", "ReconstructionWarning", "reconstruction_drift",
+           "__version__"]

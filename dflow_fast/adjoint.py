@@ -28,11 +28,22 @@ from .solvers import Plan, Velocity, step, step_vjp
 
 def find_params(velocity: Any) -> tuple[Tensor, ...]:
     """Tensors requiring grad that ``velocity`` can reach, deduplicated, in discovery order."""
+    return _reachable(velocity, lambda t: t.requires_grad, buffers=False)
+
+
+def reachable_tensors(velocity: Any) -> tuple[Tensor, ...]:
+    """Every tensor ``velocity`` can reach (weights and buffers whether or not they require grad,
+    closed-over tensors): memory that exists before a solve and that a step's graph does not add
+    when it saves them (gradient="auto" excludes them from its per-step estimate)."""
+    return _reachable(velocity, lambda t: True, buffers=True)
+
+
+def _reachable(velocity: Any, keep, buffers: bool) -> tuple[Tensor, ...]:
     found: dict[int, Tensor] = {}
     seen: set[int] = set()
 
     def add(t: Tensor) -> None:
-        if t.requires_grad:
+        if keep(t):
             found.setdefault(id(t), t)
 
     def visit(obj: Any, depth: int) -> None:
@@ -44,6 +55,9 @@ def find_params(velocity: Any) -> tuple[Tensor, ...]:
         elif isinstance(obj, nn.Module):
             for p in obj.parameters():
                 add(p)
+            if buffers:
+                for b in obj.buffers():
+                    add(b)
         elif isinstance(obj, (list, tuple, set, frozenset)):
             for o in obj:
                 visit(o, depth + 1)
@@ -86,9 +100,10 @@ class _LeafGuard:
     """Wraps the velocity for the first recomputation of a backward sweep and raises if its
     graph reaches a tensor requiring grad that is not among the known inputs."""
 
-    def __init__(self, u: Velocity, known: Iterable[Tensor]):
+    def __init__(self, u: Velocity, known: Iterable[Tensor], gradient: str = "adjoint"):
         self.u = u
         self.known = list(known)
+        self.gradient = gradient
         self.checked = False
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
@@ -99,7 +114,7 @@ class _LeafGuard:
             if missing:
                 shapes = ", ".join(str(tuple(m.shape)) for m in missing[:5])
                 raise RuntimeError(
-                    f"gradient='adjoint': the velocity uses {len(missing)} tensor(s) requiring grad "
+                    f"gradient={self.gradient!r}: the velocity uses {len(missing)} tensor(s) requiring grad "
                     f"that were not found in its closure, globals or module parameters (shapes "
                     f"{shapes}); their gradients would be lost. Pass them as solve(..., "
                     f"params=[...]) or use gradient='backprop'.")
@@ -124,44 +139,76 @@ def _unknown_leaves(out: Tensor, known: list[Tensor]) -> list[Tensor]:
     return missing
 
 
+def accumulate(acc: list[Tensor | None], grads: Iterable[Tensor | None]) -> list[Tensor | None]:
+    """Sum per-parameter gradients, None meaning zero."""
+    return [g if s is None else (s if g is None else s + g) for s, g in zip(acc, grads)]
+
+
+def needs_grad(x0: Tensor, params: Iterable[Tensor]) -> bool:
+    """Whether a solve must build a backward at all (else it runs without a graph)."""
+    return torch.is_grad_enabled() and (x0.requires_grad or any(p.requires_grad for p in params))
+
+
+def scatter(grads: list[Tensor | None], need: Iterable[bool]) -> list[Tensor | None]:
+    """Gradients of the needed parameters, put back at their input positions (None elsewhere)."""
+    it = iter(grads)
+    return [next(it) if n else None for n in need]
+
+
+def forward_states(u: Velocity, plan: Plan, k0: int, k1: int,
+                   x: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Steps k0 .. k1-1 from x = x_{k0}; returns ([x_{k0} .. x_{k1-1}], x_{k1})."""
+    states = []
+    for k in range(k0, k1):
+        states.append(x)
+        x = step(u, plan, k, x)
+    return states, x
+
+
+def adjoint_sweep(u: Velocity, plan: Plan, k0: int, k1: int, states: list[Tensor], a: Tensor,
+                  params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor | None]]:
+    """Pull the cotangent of x_{k1} back to x_{k0} with the stored states x_{k0} .. x_{k1-1};
+    returns (cotangent of x_{k0}, gradients of params)."""
+    acc: list[Tensor | None] = [None] * len(params)
+    for k in reversed(range(k0, k1)):
+        a, gp = step_vjp(u, plan, k, states[k - k0], a, params)
+        acc = accumulate(acc, gp)
+    return a, acc
+
+
 class _AdjointSolve(torch.autograd.Function):
-    """x1 = ODESolve(x0) with the discrete-adjoint backward. Inputs: velocity, plan, whether to
-    guard against undiscovered leaves, x0 [B, *S], then the velocity's parameters."""
+    """x_{k1} = steps k0 .. k1-1 from x_{k0}, with the discrete-adjoint backward. Inputs:
+    velocity, plan, whether to guard against undiscovered leaves, k0, k1, x_{k0} [B, *S], then the
+    velocity's parameters."""
 
     @staticmethod
-    def forward(ctx, u: Velocity, plan: Plan, guard: bool, x0: Tensor, *params: Tensor):
-        states = []
-        x = x0
-        for k in range(plan.steps):  # autograd.Function.forward runs without a graph
-            states.append(x)
-            x = step(u, plan, k, x)
-        ctx.save_for_backward(*states)  # N states: the only memory that grows with steps
-        ctx.u, ctx.plan, ctx.guard, ctx.params = u, plan, guard, params
+    def forward(ctx, u: Velocity, plan: Plan, guard: bool, k0: int, k1: int, x0: Tensor,
+                *params: Tensor):
+        # autograd.Function.forward runs without a graph
+        states, x = forward_states(u, plan, k0, k1, x0)
+        ctx.save_for_backward(*states)  # k1 - k0 states: the only memory that grows with steps
+        ctx.u, ctx.plan, ctx.guard, ctx.params, ctx.k = u, plan, guard, params, (k0, k1)
         return x
 
     @staticmethod
     @once_differentiable
     def backward(ctx, a: Tensor):
-        states = ctx.saved_tensors
-        need = ctx.needs_input_grad[4:]
+        need = ctx.needs_input_grad[6:]
         params = tuple(p for p, n in zip(ctx.params, need) if n)
         u = _LeafGuard(ctx.u, ctx.params) if ctx.guard else ctx.u
-        acc: list[Tensor | None] = [None] * len(params)
-        for k in reversed(range(ctx.plan.steps)):
-            a, gp = step_vjp(u, ctx.plan, k, states[k], a, params)
-            acc = [g if s is None else (s if g is None else s + g) for s, g in zip(acc, gp)]
-        it = iter(acc)
-        pgrads = [next(it) if n else None for n in need]
-        return (None, None, None, a if ctx.needs_input_grad[3] else None, *pgrads)
+        a, acc = adjoint_sweep(u, ctx.plan, *ctx.k, list(ctx.saved_tensors), a, params)
+        return (None,) * 5 + (a if ctx.needs_input_grad[5] else None, *scatter(acc, need))
 
 
 def adjoint_solve(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tensor, ...],
-                  guard: bool) -> Tensor:
-    """Solve with the discrete-adjoint backward; a plain no-graph solve when nothing needs grad."""
-    if torch.is_grad_enabled() and (x0.requires_grad or any(p.requires_grad for p in params)):
-        return _AdjointSolve.apply(u, plan, guard, x0, *params)
+                  guard: bool, k0: int = 0, k1: int | None = None) -> Tensor:
+    """Steps k0 .. k1-1 (default: all) with the discrete-adjoint backward; a plain no-graph solve
+    when nothing needs grad."""
+    k1 = plan.steps if k1 is None else k1
+    if needs_grad(x0, params):
+        return _AdjointSolve.apply(u, plan, guard, k0, k1, x0, *params)
     with torch.no_grad():
         x = x0
-        for k in range(plan.steps):
+        for k in range(k0, k1):
             x = step(u, plan, k, x)
         return x

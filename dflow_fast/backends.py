@@ -11,6 +11,12 @@ Backends:
 fastest one that loads for the device and falls back quietly, with a log line. A backend asked for
 by name that cannot load raises an error that says how to get it. Loading is lazy: importing
 dflow_fast never imports triton or the extension.
+
+The reversible solvers' ops (:data:`REVERSIBLE_OP_NAMES`) have no compiled kernels yet: every
+backend that does not define one of them (today "cpp", "cuda" and "triton") runs the PyTorch twin
+from :mod:`dflow_fast._reference` for it, explicitly and with a debug log line, and lists it in
+``Ops.fallbacks``. The twins are plain torch ops, so they run on any device and differentiate.
+When a backend gains a kernel for one of these ops, it is picked up by name with no change here.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ ENV_VAR = "DFLOW_FAST_BACKEND"
 #: preference order of "auto", per device type (fastest first)
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 OP_NAMES = ("axpy", "adjoint_euler", "adjoint_midpoint", "chi_prior", "lbfgs_direction")
+#: state updates of the reversible solvers; a backend without a kernel for one uses the torch twin
+REVERSIBLE_OP_NAMES = ("heun_predict", "heun_step", "heun_adjoint", "coupled_forward",
+                       "coupled_inverse", "coupled_adjoint")
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,14 @@ class Ops:
     adjoint_midpoint: Callable
     chi_prior: Callable
     lbfgs_direction: Callable
+    heun_predict: Callable = _reference.heun_predict
+    heun_step: Callable = _reference.heun_step
+    heun_adjoint: Callable = _reference.heun_adjoint
+    coupled_forward: Callable = _reference.coupled_forward
+    coupled_inverse: Callable = _reference.coupled_inverse
+    coupled_adjoint: Callable = _reference.coupled_adjoint
+    #: names of the ops this backend runs with the torch twin because it has no kernel for them
+    fallbacks: tuple = ()
 
 
 class BackendUnavailable(RuntimeError):
@@ -50,7 +67,18 @@ class BackendUnavailable(RuntimeError):
 
 
 def _from_namespace(name: str, ns) -> Ops:
-    return Ops(name, *(getattr(ns, op) for op in OP_NAMES))
+    core = {op: getattr(ns, op) for op in OP_NAMES}  # required: a backend without them is broken
+    extra, fallbacks = {}, []
+    for op in REVERSIBLE_OP_NAMES:
+        try:
+            extra[op] = getattr(ns, op)
+        except AttributeError:  # torch.ops namespaces raise it for unregistered ops
+            extra[op] = getattr(_reference, op)
+            fallbacks.append(op)
+    if fallbacks and name != "torch":
+        log.debug("dflow_fast: backend %r has no kernels for %s; using the torch twins", name,
+                  ", ".join(fallbacks))
+    return Ops(name, **core, **extra, fallbacks=tuple(fallbacks) if name != "torch" else ())
 
 
 @functools.lru_cache(maxsize=None)

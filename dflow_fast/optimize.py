@@ -78,8 +78,9 @@ class _Objective:
     """
 
     def __init__(self, u: CheckedVelocity, plan: Plan, cost: Cost, reg: Optional[Cost],
-                 gradient: str, shape: torch.Size):
+                 gradient: str, shape: torch.Size, memory_budget: Optional[float] = None):
         self.u, self.plan, self.cost, self.reg, self.gradient = u, plan, cost, reg, gradient
+        self.memory_budget = memory_budget
         self.shape = shape  # [B, *S]
         self.x1_full: Optional[Tensor] = None  # accepted x1 of every sample, set by the optimizer
         self.nfe = torch.zeros(shape[0], dtype=torch.int64)
@@ -99,7 +100,8 @@ class _Objective:
         calls = self.u.calls
         x0 = X.detach().reshape(n, *self.shape[1:]).requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            x1 = run(self.u, self.plan, x0, self.gradient, (), guard=False)
+            x1 = run(self.u, self.plan, x0, self.gradient, (), guard=False,
+                     memory_budget=self.memory_budget)
             full = x1 if idx is None else self.x1_full.index_put((idx,), x1)
             c = self._cost(full)
             f = c if idx is None else c[idx]
@@ -134,7 +136,9 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
              t0: float = 0.0, t1: float = 1.0, time_grid: Sequence[float] | Tensor | None = None,
              regularization: Optional[Cost] = None,
              callback: Optional[Callable[[IterationInfo], Optional[bool]]] = None,
-             progress: bool = False, backend: Optional[str] = None) -> OptimizeResult:
+             progress: bool = False, backend: Optional[str] = None,
+             coupling: Optional[float] = None,
+             memory_budget: Optional[float] = None) -> OptimizeResult:
     """D-Flow: minimize ``cost(x1(x0)) + regularization(x0)`` over the source points x0.
 
     Every sample is an independent problem with its own optimizer state; samples that stop
@@ -149,7 +153,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         steps, solver, t0, t1, time_grid: the ODE solve, as in :func:`solve`. Defaults follow the
             paper's recipe as publicly re-implemented: midpoint, 6 steps (``steps=None`` without
             a ``time_grid`` means 6) from t=0 to t=1.
-        gradient: ``"adjoint"`` (default; exact, memory of one step) or ``"backprop"``.
+        gradient: ``"adjoint"`` (default; exact, memory of one step), ``"backprop"``,
+            ``"reversible"`` (reversible solvers) or ``"auto"``, as in :func:`solve`.
         optimizer: ``"lbfgs"`` (default; per-sample histories and strong-Wolfe line search) or
             ``"adam"``.
         max_iter: iterations per sample (default 20). ``max_eval``: cost-and-gradient
@@ -164,6 +169,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         progress: show a tqdm bar with the mean loss and the number of active samples.
         backend: who runs the solver's state algebra and the optimizer's batched algebra
             (two-loop recursion, χ_d prior), as in :func:`solve`.
+        coupling, memory_budget: as in :func:`solve` (coupled reversible solvers; "auto").
 
     Returns:
         :class:`OptimizeResult`.
@@ -173,7 +179,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         raise TypeError(f"cost must be callable as cost(x1) -> [B], got {type(cost).__name__}")
     if regularization is not None and not callable(regularization):
         raise TypeError("regularization must be callable as R(x0) -> [B] or None")
-    check_gradient(gradient)
+    check_gradient(gradient, memory_budget)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
     _check_positive("max_iter", max_iter, integer=True)
@@ -189,14 +195,15 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
-    plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend)
+    plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend, gradient=gradient,
+                     coupling=coupling)
 
     cuda = x0.is_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats(x0.device)
     start = time.perf_counter()
     u = CheckedVelocity(velocity)
-    obj = _Objective(u, plan, cost, regularization, gradient, x0.shape)
+    obj = _Objective(u, plan, cost, regularization, gradient, x0.shape, memory_budget)
     B = x0.shape[0]
     bar = _progress_bar(progress, max_iter)
     iteration = 0

@@ -1,5 +1,6 @@
-"""Fixed-step ODE solvers (Euler, midpoint): the time grid, one forward step, and one step's
-vector-Jacobian product for the discrete adjoint.
+"""Fixed-step ODE solvers: the time grid, the plan of a solve, and for the plain solvers (Euler,
+midpoint) one forward step and one step's vector-Jacobian product for the discrete adjoint. The
+reversible solvers' steps live in :mod:`dflow_fast.reversible`.
 
 Notation follows DESIGN.md section 2: steps k = 0..N-1 on a grid t_0 .. t_N (increasing for a
 forward solve, decreasing for a backward one), h = t_{k+1} - t_k, ``a`` is the cotangent of x_{k+1}.
@@ -7,7 +8,7 @@ forward solve, decreasing for a backward one), h = t_{k+1} - t_k, ``a`` is the c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -17,13 +18,36 @@ from .backends import Ops
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
-#: velocity evaluations per step, by solver name
-SOLVERS = {"euler": 1, "midpoint": 2}
+#: velocity evaluations per step, by solver name (reversible Heun adds one at the start)
+SOLVERS = {"euler": 1, "midpoint": 2, "reversible_heun": 1, "reversible_euler": 2,
+           "reversible_midpoint": 4}
+#: solvers whose steps invert exactly in algebra (gradient="reversible"); state (y, yhat) / (y, z)
+REVERSIBLE = ("reversible_heun", "reversible_euler", "reversible_midpoint")
+#: McCallum & Foster's coupled reversible RK: solver name -> its base step
+COUPLED = {"reversible_euler": "euler", "reversible_midpoint": "midpoint"}
+#: default coupling lambda of the coupled solvers; docs/reversible.md has the measurements behind it
+DEFAULT_COUPLING = 0.999
 
 
 def check_solver(solver: str) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+
+
+def check_coupling(solver: str, coupling: float | None) -> float | None:
+    """The coupling lambda a solve uses: DEFAULT_COUPLING for a coupled solver when None; a
+    coupling given to a solver that has none is an error rather than silently ignored."""
+    if solver not in COUPLED:
+        if coupling is not None:
+            raise ValueError(f"coupling={coupling!r} applies only to the coupled reversible "
+                             f"solvers {sorted(COUPLED)}, not to solver {solver!r}")
+        return None
+    if coupling is None:
+        return DEFAULT_COUPLING
+    if (isinstance(coupling, bool) or not isinstance(coupling, (int, float))
+            or not 0.0 < coupling < 1.0):
+        raise ValueError(f"coupling must be a number in (0, 1), got {coupling!r}")
+    return float(coupling)
 
 
 def make_grid(steps: int | None, t0: float, t1: float,
@@ -62,36 +86,52 @@ def make_grid(steps: int | None, t0: float, t1: float,
 @dataclass
 class Plan:
     """A solve's static description: solver, grid, its time points as 0-dim tensors on x's
-    device and dtype (built once per solve with one host-to-device copy), and the backend ops that
-    perform the state algebra."""
+    device and dtype (built once per solve with one host-to-device copy), the backend ops that
+    perform the state algebra, the coupling of a coupled reversible solver, and ``memo``: what
+    gradient="auto" learns across the solves that share the plan (optimize's iterations)."""
 
     solver: str
     grid: list[float]
-    times: Tensor  # [2N]: t_k for k < N, then the midpoints (t_k + t_{k+1}) / 2
+    times: Tensor  # [2N + 1]: t_0 .. t_N, then the midpoints (t_k + t_{k+1}) / 2
     ops: Ops
+    coupling: float | None = None
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def build(cls, solver: str, grid: list[float], like: Tensor, ops: Ops) -> "Plan":
+    def build(cls, solver: str, grid: list[float], like: Tensor, ops: Ops,
+              coupling: float | None = None) -> "Plan":
         n = len(grid) - 1
-        pts = grid[:-1] + [0.5 * (grid[k] + grid[k + 1]) for k in range(n)]
-        return cls(solver, grid, torch.tensor(pts, dtype=like.dtype, device=like.device), ops)
+        pts = grid + [0.5 * (grid[k] + grid[k + 1]) for k in range(n)]
+        return cls(solver, grid, torch.tensor(pts, dtype=like.dtype, device=like.device), ops,
+                   coupling)
 
     @property
     def steps(self) -> int:
         return len(self.grid) - 1
 
     @property
+    def reversible(self) -> bool:
+        return self.solver in REVERSIBLE
+
+    @property
+    def base(self) -> str | None:
+        """The base step (euler/midpoint) of a coupled reversible solver, else None."""
+        return COUPLED.get(self.solver)
+
+    @property
     def nfe_per_solve(self) -> int:
-        return SOLVERS[self.solver] * self.steps
+        return SOLVERS[self.solver] * self.steps + (self.solver == "reversible_heun")
 
     def h(self, k: int) -> float:
         return self.grid[k + 1] - self.grid[k]
 
     def t(self, k: int) -> Tensor:
+        """t_k for k = 0 .. N."""
         return self.times[k]
 
     def tmid(self, k: int) -> Tensor:
-        return self.times[self.steps + k]
+        """(t_k + t_{k+1}) / 2 for k = 0 .. N-1."""
+        return self.times[self.steps + 1 + k]
 
 
 def step(u: Velocity, plan: Plan, k: int, x: Tensor) -> Tensor:
@@ -125,9 +165,10 @@ def step_vjp(u: Velocity, plan: Plan, k: int, x: Tensor, a: Tensor,
         if plan.solver == "euler":
             w, *gp = _vjp(v1, (xl, *params), a * h)
             return ops.adjoint_euler(a, _zero_if_none(w, a)), gp
-        # The stage state is rebuilt from a detached v1 so that the second evaluation's graph
-        # starts at xm; the first evaluation's graph (v1) stays alive for its own VJP.
-        xm = ops.axpy(x, v1.detach(), 0.5 * h).requires_grad_(True)
+        # The stage state is rebuilt from detached x and v1 so that the second evaluation's
+        # graph starts at xm (x may carry history, e.g. an x0 computed from a parameter, which
+        # the VJP must not walk into); the first evaluation's graph (v1) stays alive for its own VJP.
+        xm = ops.axpy(x.detach(), v1.detach(), 0.5 * h).requires_grad_(True)
         v2 = u(plan.tmid(k), xm)
         w2, *gp2 = _vjp(v2, (xm, *params), a * h)
         w2 = _zero_if_none(w2, a)

@@ -1,0 +1,253 @@
+"""Benchmark suite (pytest-benchmark): the gradient methods incl. the peers, the batched optimize vs
+the per-image loop, and the benchmark scripts themselves, on CPU-sized problems.
+
+What is asserted is correctness, never timing (DESIGN.md section 7): every exact method's gradient
+equals the reference's, torchdiffeq's continuous adjoints are close but measurably not exact, the
+batched optimize reaches the per-image loop's final costs, the scripts write their files. Peers
+(torchdiffeq, flow_matching: the ``bench`` extra) are skipped, with the reason, when not
+installed. Cases marked ``gpu`` are sized for a CUDA GPU and skip without one.
+
+    python -m pytest bench/test_bench_suite.py -q --benchmark-disable      # CI: checks only
+    python -m pytest bench/test_bench_suite.py -q --benchmark-json=bench/results/suite_cpu.json
+    python -m pytest bench/test_bench_suite.py -q -m gpu                   # on a CUDA machine
+"""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+import dflow_fast
+from bench import bench_e2e, bench_gradient
+from bench import common as C
+
+STEPS, BATCH = 4, 2
+TOL_F32 = 1e-5  # as in test_bench_smoke.py: float32 rounding through a few network evaluations
+EXACT = ("reference", "backprop", "adjoint-torch", "adjoint-cpp", "checkpoint", "torchdiffeq",
+         "flow_matching")
+APPROX = ("torchdiffeq-adjoint", "torchdiffeq-adjoint-ss")  # continuous adjoints
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="CUDA is not available: gpu benchmark cases need a GPU")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _skip_unavailable(method: str, device: str = "cpu") -> None:
+    why = C.peer_available(method)
+    if why:
+        pytest.skip(why)
+    _, _, backend = method.partition("-")
+    if method.startswith("adjoint-") and method not in C.available_methods(device):
+        built = dflow_fast.build_info()["backends"]
+        pytest.skip(f"backend {backend!r} is not available on {device} in this build "
+                    f"(dflow_fast.build_info()['backends'] = {built})")
+
+
+def _problem(config: str, batch: int, device="cpu", seed: int = 0):
+    net, shape = C.build_velocity(config, device=device, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x0 = torch.randn(batch, *shape, generator=gen).to(device)
+    target = torch.randn(batch, *shape, generator=gen).to(device)
+    return net, dflow_fast.ModelVelocity(net), x0, target
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("method", EXACT + APPROX)
+def test_gradient_method_cpu(benchmark, method):
+    """Every method's gradient through a 4-step midpoint solve of the tiny U-Net, timed."""
+    _skip_unavailable(method)
+    net, velocity, x0, target = _problem("tiny", BATCH)
+    kw = dict(steps=STEPS, solver="midpoint")
+    g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
+    benchmark.group = "suite-gradient-cpu-midpoint"
+    benchmark.extra_info.update(steps=STEPS, batch=BATCH, net="tiny", method=method)
+    g = benchmark.pedantic(C.one_gradient, args=(method, velocity, x0, target), kwargs=kw,
+                           rounds=5, warmup_rounds=1, iterations=1)
+    assert g.shape == x0.shape and bool(torch.isfinite(g).all())
+    err = C.rel_err(g, g_ref)
+    benchmark.extra_info["rel_err_vs_ref"] = err
+    if method in EXACT:
+        assert err <= TOL_F32
+    else:
+        # The continuous adjoint discretizes the adjoint ODE instead of differentiating the
+        # discrete solve: close, but off by far more than rounding.
+        assert 1e-5 < err < 0.1
+
+
+@pytest.mark.parametrize("method", ["adjoint-torch", "torchdiffeq-adjoint",
+                                    "torchdiffeq-adjoint-ss"])
+def test_saved_bytes_do_not_grow_with_steps(method):
+    """Adjoints keep their saved bytes flat in steps (plus one state per step where states are
+    stored), and the meter sees everything released by the end: it does not leak the graphs that
+    torchdiffeq builds with retain_graph=True."""
+    _skip_unavailable(method)
+    net, velocity, x0, target = _problem("tiny", BATCH)
+    state = x0.numel() * x0.element_size()
+    peaks = {}
+    for steps in (2, 8):
+        _, meter = C.saved_bytes_gradient(method, velocity, net, x0, target, steps=steps,
+                                          solver="midpoint")
+        assert meter.live == 0
+        peaks[steps] = meter.peak
+    assert peaks[8] - peaks[2] <= 7 * state
+
+
+def test_rss_meter_sees_a_large_allocation():
+    if not C.RssPeak.available():
+        pytest.skip("RSS peak needs Linux /proc/self/clear_refs")
+    n = 64 * 2 ** 20
+
+    def alloc():
+        return torch.ones(n // 4).sum()
+    _, peak = C.RssPeak.measure(alloc)
+    assert peak >= 0.9 * n
+
+
+def test_available_methods_lists_every_cpu_method():
+    methods = C.available_methods("cpu")
+    assert methods[:2] == ["reference", "backprop"] and "adjoint-torch" in methods
+    assert "checkpoint" in methods and methods[-1] == "vjp"
+    assert not any(m.startswith(("adjoint-cuda", "adjoint-triton")) for m in methods)
+
+
+# ----------------------------------------------------------------------------- optimize
+
+def _e2e_args(**kw):
+    return types.SimpleNamespace(steps=3, max_iter=8, time="wall", **kw)
+
+
+@pytest.mark.parametrize("task", ["inpaint_box", "deblur"])
+def test_batched_optimize_matches_per_image_loop(benchmark, task):
+    """dflow_fast.optimize on a batch of 4 reaches the final costs of the paper's per-image loop
+    (dflow_fast.reference.optimize) with the same budget: bench_e2e's "equal final cost"."""
+    from dflow_fast import problems
+
+    net, velocity, _, _ = _problem("tiny", 1)
+    truth = torch.tanh(torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)))
+    p = problems.make(task, truth, sigma=0.05, generator=torch.Generator().manual_seed(4))
+    x0 = dflow_fast.backward_blend(velocity, p.guess, alpha=0.1, steps=3,
+                                   generator=torch.Generator().manual_seed(5))
+    args = _e2e_args()
+    device = torch.device("cpu")
+    ref = bench_e2e.run_reference(velocity, p, x0, truth, args, device)
+    benchmark.group = "suite-optimize-cpu"
+    benchmark.extra_info.update(task=task, n=4, steps=3, max_iter=8)
+    fast = benchmark.pedantic(bench_e2e.run_dflow,
+                              args=(velocity, p, x0, truth, 4, "adjoint", args, device, True),
+                              rounds=3, iterations=1)
+    bench_e2e.compare([ref, fast], 4)
+    assert fast["equal_cost"], (fast["loss_mean"], ref["loss_mean"])
+    assert torch.allclose(torch.tensor(fast["loss"]), torch.tensor(ref["loss"]), rtol=2e-2,
+                          atol=1e-5)
+    curve = fast["curve"]  # the PSNR tracker saw every iteration, starting from x0
+    assert curve[0]["iteration"] == 0 and len(curve) >= 2
+    assert all(b["seconds"] >= a["seconds"] for a, b in zip(curve, curve[1:]))
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+def test_bench_peers_script_writes_results(tmp_path):
+    """bench_gradient.main with bench_peers' method set on the tiny net: JSON, Markdown, plots."""
+    out = tmp_path / "peers.json"
+    bench_gradient.main(["--config", "tiny", "--batch", "1", "2", "--steps", "2", "3",
+                         "--methods", "all", "--repeats", "1", "--warmup", "0", "--out", str(out),
+                         "--plot"], out_stem="peers")
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["torch"] == torch.__version__ and "commit" in doc["meta"]
+    methods = {r["method"] for r in doc["results"]}
+    assert {"reference", "backprop", "adjoint-torch", "checkpoint"} <= methods
+    assert all(r["status"] == "ok" for r in doc["results"])
+    assert [v["batch"] for v in doc["vjp"]] == [1, 2] and doc["goals"]
+    for r in doc["results"]:
+        if r["method"] in EXACT:
+            assert r["rel_err_vs_ref"] <= TOL_F32
+    for suffix in (".md", "_memory.png", "_time.png", "_throughput.png"):
+        assert (tmp_path / f"peers{suffix}").stat().st_size > 0
+
+
+def test_bench_e2e_script_on_fashion_mnist(tmp_path):
+    """The end-to-end script on the bundled model, 2 images, 2 iterations."""
+    from dflow_fast.data import DatasetNotFoundError
+
+    try:
+        dflow_fast.data.fashion_mnist("test", limit=2)
+        from dflow_fast.models import load_pretrained
+        load_pretrained("fashion-mnist")
+    except (DatasetNotFoundError, FileNotFoundError) as e:
+        pytest.skip(f"Fashion-MNIST or the bundled model is missing: {e}")
+    out = tmp_path / "e2e.json"
+    bench_e2e.main(["--n", "2", "--batch", "1", "2", "--tasks", "sr2", "--max-iter", "2",
+                    "--gradient", "adjoint", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    runs = doc["tasks"][0]["runs"]
+    assert [r["method"] for r in runs] == ["reference", "dflow_fast-adjoint",
+                                          "dflow_fast-adjoint"]
+    assert all(r["problems_per_hour"] > 0 for r in runs)
+    assert runs[2]["curve"] and "equal_cost" in runs[2]
+    for suffix in (".md", "_throughput.png", "_psnr.png"):
+        assert (tmp_path / f"e2e{suffix}").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("method", ["reference", "backprop", "adjoint-torch", "adjoint-cuda",
+                                    "adjoint-triton", "checkpoint", "torchdiffeq",
+                                    "torchdiffeq-adjoint", "flow_matching"])
+def test_gradient_method_gpu(benchmark, method):
+    """The 35M-parameter net, batch 8, 3x64x64, 10 midpoint steps: every method incl. peers."""
+    _skip_unavailable(method, "cuda")
+    device = torch.device("cuda")
+    net, velocity, x0, target = _problem("gpu", 8, device=device)
+    kw = dict(steps=10, solver="midpoint")
+    g_ref = C.guard_oom(lambda: C.one_gradient("reference", velocity, x0, target, **kw), device)
+    if isinstance(g_ref, str):
+        pytest.skip("reference gradient ran out of GPU memory")
+    benchmark.group = "suite-gradient-gpu-midpoint"
+    benchmark.extra_info.update(steps=10, batch=8, net="gpu", method=method)
+
+    def run():
+        g = C.one_gradient(method, velocity, x0, target, **kw)
+        torch.cuda.synchronize(device)
+        return g
+    g = C.guard_oom(lambda: benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1),
+                    device)
+    if isinstance(g, str):
+        pytest.skip(f"{method} ran out of GPU memory")
+    err = C.rel_err(g, g_ref)
+    assert err <= 3e-4 if method in EXACT else 1e-5 < err < 0.1
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_batched_optimize_matches_per_image_loop_gpu(benchmark):
+    """Batch 32 on the 35M-parameter net vs the per-image reference loop: equal final cost."""
+    from dflow_fast import problems
+
+    device = torch.device("cuda")
+    net, velocity, _, _ = _problem("gpu", 1, device=device)
+    truth = torch.tanh(torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    truth = truth.to(device)
+    p = problems.make("inpaint_box", truth, sigma=0.05, generator=torch.Generator().manual_seed(4))
+    x0 = dflow_fast.backward_blend(velocity, p.guess, alpha=0.1, steps=6,
+                                   generator=torch.Generator(device).manual_seed(5))
+    args = types.SimpleNamespace(steps=6, max_iter=10, time="wall")
+    ref = bench_e2e.run_reference(velocity, p, x0, truth, args, device)
+    benchmark.group = "suite-optimize-gpu"
+    fast = benchmark.pedantic(bench_e2e.run_dflow,
+                              args=(velocity, p, x0, truth, 32, "adjoint", args, device, False),
+                              rounds=1, iterations=1)
+    bench_e2e.compare([ref, fast], 32)
+    benchmark.extra_info.update(throughput_ratio_vs_ref=fast["throughput_ratio_vs_ref"])
+    assert fast["equal_cost"], (fast["loss_mean"], ref["loss_mean"])
