@@ -1,5 +1,5 @@
-"""Reversible solvers on the trained Fashion-MNIST flow: accuracy, reconstruction drift, and the cost
-of one gradient (docs/reversible.md has the tables and how to read them).
+"""Reversible solvers on the trained Fashion-MNIST flow: linear stability, accuracy, reconstruction
+drift, and the cost of one gradient (docs/reversible.md has the tables and how to read them).
 
 Four sections, each a table printed and written to ``bench/results/reversible_<device>.{json,md}``:
 
@@ -261,8 +261,8 @@ def gradient(args, device) -> dict:
                     meter.mark()
                     grads[m] = torch.autograd.grad(loss, x)[0]
                     del x1, loss
-                meas[m] = {"peak_saved_bytes": meter.peak, "saved_after_forward": meter.after_forward,
-                           "velocity_calls": calls[0]}
+                meas[m] = {"peak_saved_bytes": meter.peak,
+                           "saved_after_forward": meter.after_forward, "velocity_calls": calls[0]}
             times = time_interleaved({m: (lambda m=m: one(solver, m, n)) for m in methods}, device,
                                      repeats=args.repeats, warmup=args.warmup)
             for m in methods:
@@ -286,7 +286,8 @@ def gradient_table(res: dict) -> str:
     for r in res["rows"]:
         lines.append(
             f"| {r['solver']} | {r['method']} | {r['steps']} | {r['velocity_calls']} | "
-            f"{r['median_s']:.3f} | {r['time_vs_backprop']:.2f} | {r['peak_saved_bytes'] / 2**20:.2f} | "
+            f"{r['median_s']:.3f} | {r['time_vs_backprop']:.2f} | "
+            f"{r['peak_saved_bytes'] / 2**20:.2f} | "
             f"{r['memory_vs_backprop']:.3f} | {r['saved_after_forward'] / 2**20:.3f} | "
             f"{r['rel_err_vs_backprop']:.1e} |")
     return "\n".join(lines) + (f"\n\nfloat32, batch {res['batch']}, gradient w.r.t. x0 only "
@@ -320,8 +321,8 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else RESULTS_DIR / f"reversible_{device.type}.json"
-    payload = {"command": "python bench/bench_reversible.py " + " ".join(sys.argv[1:] if argv is None
-                                                                         else argv),
+    cli = sys.argv[1:] if argv is None else argv
+    payload = {"command": "python bench/bench_reversible.py " + " ".join(cli),
                "default_coupling": DEFAULT_COUPLING}
     if out.exists():  # keep the sections not rerun this time
         import json

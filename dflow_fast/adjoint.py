@@ -114,8 +114,9 @@ class _LeafGuard:
             if missing:
                 shapes = ", ".join(str(tuple(m.shape)) for m in missing[:5])
                 raise RuntimeError(
-                    f"gradient={self.gradient!r}: the velocity uses {len(missing)} tensor(s) requiring grad "
-                    f"that were not found in its closure, globals or module parameters (shapes "
+                    f"gradient={self.gradient!r}: the velocity uses {len(missing)} tensor(s) "
+                    f"requiring grad that were not found in its closure, globals or module "
+                    f"parameters (shapes "
                     f"{shapes}); their gradients would be lost. Pass them as solve(..., "
                     f"params=[...]) or use gradient='backprop'.")
         return out

@@ -31,8 +31,8 @@ each solve; on the CPU :data:`DEFAULT_CPU_BUDGET`, since host memory is not quer
 
 Out of memory: a ``torch.OutOfMemoryError`` (CUDA's included) during the forward retries the solve
 with half the estimated bytes of the failed split, until the split cannot shrink any more (then it
-is raised: the adjoint's one-step recomputation is the floor). One in the backward of the graph steps frees their graph and
-recomputes those steps with the adjoint instead. Either lowers ``plan.memo["budget_cap"]``, which
+is raised: the adjoint's one-step recomputation is the floor). One in the backward of the graph
+steps frees their graph and recomputes those steps with the adjoint instead. Either lowers ``plan.memo["budget_cap"]``, which
 later solves of the same plan (optimize's iterations) respect. Both log a warning on the
 ``dflow_fast`` logger. The graph steps therefore run inside an autograd.Function
 (:class:`_GraphSegment`) that owns their graph; it keeps the same tensors as plain backprop.
@@ -49,7 +49,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reversible
 from .adjoint import (_LeafGuard, adjoint_solve, adjoint_sweep, forward_states, needs_grad,
-                      reachable_tensors, scatter)
+                      reachable_tensors)
 from .solvers import Plan, Velocity, step
 
 log = logging.getLogger("dflow_fast")

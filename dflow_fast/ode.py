@@ -76,7 +76,8 @@ def check_gradient(gradient: str, memory_budget: float | None = None) -> None:
     if memory_budget is None:
         return
     if gradient != "auto":
-        raise ValueError(f"memory_budget applies to gradient='auto' only, got gradient={gradient!r}")
+        raise ValueError(f"memory_budget applies to gradient='auto' only, got "
+                         f"gradient={gradient!r}")
     if (isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float))
             or math.isnan(memory_budget) or memory_budget < 0):
         raise ValueError(f"memory_budget must be a number of bytes >= 0 (math.inf allowed), "
@@ -147,9 +148,9 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
         t0, t1: integration interval; ``t0 > t1`` integrates backward in time.
         time_grid: 1-D strictly monotone grid ``[t_0, ..., t_N]``, overriding ``t0``/``t1``.
         params: with ``"adjoint"``, ``"reversible"`` or ``"auto"``, the tensors besides x0 that
-            receive gradients. ``None`` (default) discovers them: parameters of an nn.Module velocity and tensors requiring
-            grad in its closure or named globals; a tensor it cannot discover raises in the
-            backward rather than losing its gradient. An explicit list (``[]`` for x0 only) is
+            receive gradients. ``None`` (default) discovers them: parameters of an nn.Module
+            velocity and tensors requiring grad in its closure or named globals; a tensor it
+            cannot discover raises in the backward rather than losing its gradient. An explicit list (``[]`` for x0 only) is
             taken as is and everything else is a constant: pass ``params=[]`` when only x0's
             gradient is wanted from a model whose weights require grad, so the backward sweep
             does not compute weight gradients nobody asked for.

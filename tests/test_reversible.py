@@ -69,11 +69,15 @@ def test_reversible_and_adjoint_equal_backprop(kind, solver, coupling, grid):
 @pytest.mark.parametrize("solver", REVERSIBLE)
 def test_solvers_converge_at_their_order(solver):
     """The schemes are what they claim: on a nonlinear time-dependent ODE, halving h divides the
-    error by 4 (Heun, coupled midpoint) or 2 (coupled Euler)."""
+    error by 4 (Heun, coupled midpoint) or 2 (coupled Euler). The order does not depend on the
+    coupling; at lambda = 0.999 coupled Euler is already asymptotic at 32 steps (at 0.95 its
+    smaller error still mixes terms of both signs there)."""
     v = lambda t, x: torch.cos(3 * t) * x - 0.25 * x ** 3  # noqa: E731
     x0 = torch.randn(4, 5, dtype=F64)
     truth = df.solve(v, x0, steps=4000, solver="midpoint")
-    e1, e2 = (rel_err(df.solve(v, x0, steps=n, solver=solver), truth) for n in (32, 64))
+    lam = None if solver == "reversible_heun" else 0.999
+    e1, e2 = (rel_err(df.solve(v, x0, steps=n, solver=solver, coupling=lam), truth)
+              for n in (32, 64))
     order = math.log2(e1 / e2)
     want = 1 if solver == "reversible_euler" else 2
     assert abs(order - want) < 0.15
@@ -85,7 +89,7 @@ def test_affine_reversible_heun_matches_closed_form():
     a, n, h = -0.7, 6, 1 / 6
     x0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
     x1 = df.solve(lambda t, x: a * x, x0, steps=n, solver="reversible_heun", gradient="reversible")
-    # state (y, yhat, f) with f = a yhat: yhat' = 2y - yhat + h a yhat; y' = y + h/2 a (yhat + yhat')
+    # state (y, yhat), f = a yhat: yhat' = 2y - yhat + h a yhat; y' = y + h/2 a (yhat + yhat')
     M = torch.eye(2, dtype=F64)
     step = torch.tensor([[2.0, -1 + h * a]], dtype=F64)  # yhat' row
     for _ in range(n):
@@ -295,7 +299,8 @@ def test_drift_warning_fires_in_a_contrived_bad_case():
 
 def test_drift_tolerance_is_sqrt_eps_and_overridable(monkeypatch):
     from dflow_fast import reversible
-    assert drift_tolerance(torch.float32) == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps))
+    eps32 = torch.finfo(torch.float32).eps
+    assert drift_tolerance(torch.float32) == pytest.approx(math.sqrt(eps32))
     monkeypatch.setitem(reversible.DRIFT_TOLERANCE, torch.float64, 0.0)
     velocity, shape = make_velocity("mlp", F64)
     x0 = torch.randn(2, *shape, dtype=F64, requires_grad=True)
