@@ -51,6 +51,7 @@ import argparse
 import copy
 import functools
 import gc
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -105,7 +106,11 @@ def parse_args(argv=None, *, prog=None, description=None,
     p.add_argument("--out", type=Path, help=f"JSON path (default: bench/results/{out_stem}_<device>"
                                             "[_<config>].json); the .md and .png go beside it")
     p.add_argument("--plot", action="store_true", help="write memory, time and throughput plots")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only re-render the Markdown (and with --plot the plots) of a result file")
     a = p.parse_args(argv)
+    if a.render:
+        return a
     a.config = a.config or DEFAULT_CONFIG[a.device]
     a.batch = a.batch or [DEFAULT_BATCH[a.config]]
     a.repeats = a.repeats or (3 if a.device == "cpu" else 5)
@@ -437,7 +442,7 @@ def markdown(payload: dict, meta: dict) -> str:
         for g in payload["goals"]:
             def cell(key, rkey, bound):
                 v = g[key]
-                s = _fmt(v, ".4f" if "mem" in key else ".2f")
+                s = _fmt(v, ".4f" if "mem" in key else ".3f")
                 if v is not None:
                     s += " ✓" if v <= bound else " ✗"
                 if rss and g.get(rkey) is not None:
@@ -560,6 +565,15 @@ def plot(payload: dict, meta: dict, stem: Path) -> list[Path]:
 
 def main(argv=None, **parse_kw) -> int:
     args = parse_args(argv, **parse_kw)
+    if args.render:
+        doc = json.loads(args.render.read_text())
+        meta = doc.pop("meta")
+        doc["goals"] = goals(doc)
+        C.write_json(args.render, doc, meta["device"], meta)
+        args.render.with_suffix(".md").write_text(markdown(doc, meta))
+        if args.plot:
+            plot(doc, meta, args.render.with_suffix(""))
+        return 0
     torch.set_num_threads(args.threads)
     # The memory measurements collect garbage before every call; once torch.utils.checkpoint has
     # imported torch._dynamo, a full collection walks ~10^6 objects (0.2 s). Freezing what exists

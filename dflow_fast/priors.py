@@ -56,6 +56,8 @@ def backward_blend(velocity: Velocity, x1_guess: Tensor, *, alpha: float = 0.1, 
     plan = make_plan(solver, steps, 1.0, 0.0, None, x1_guess, backend)
     with torch.no_grad():
         x0_back = run(CheckedVelocity(velocity), plan, x1_guess.detach(), "backprop", (), False)
+        # drawn on the generator's device (a CPU generator with CUDA data is common), then moved
+        dev = generator.device if generator is not None else x1_guess.device
         noise = torch.randn(x1_guess.shape, generator=generator, dtype=x1_guess.dtype,
-                            device=x1_guess.device)
+                            device=dev).to(x1_guess.device)
         return math.sqrt(alpha) * x0_back + math.sqrt(1.0 - alpha) * noise
