@@ -21,8 +21,6 @@ STEPS, BATCH = 4, 2
 # column of bench_gradient.py); 1e-5 leaves room for reordered sums without hiding a wrong formula.
 TOL_F32 = 1e-5
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                   reason="CUDA is not available: gpu benchmark cases need a GPU")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,30 +97,4 @@ def test_guard_oom_records_oom():
     with pytest.raises(ValueError):
         C.guard_oom(lambda: (_ for _ in ()).throw(ValueError("not an OOM")))
 
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("method", C.METHODS)
-def test_gradient_gpu(benchmark, method):
-    """The 35M-parameter net at batch 8, 3x64x64, 10 midpoint steps (DESIGN.md section 2's
-    setting); parity at TF32-level tolerance, out of memory recorded as a skip."""
-    device = torch.device("cuda")
-    net, velocity, x0, target = _problem("gpu", 8, device=device)
-    kw = dict(steps=10, solver="midpoint")
-    g_ref = C.guard_oom(lambda: C.one_gradient("reference", velocity, x0, target, **kw), device)
-    if isinstance(g_ref, str):
-        pytest.skip("reference gradient ran out of GPU memory")
-
-    benchmark.group = "gradient-gpu-midpoint"
-    benchmark.extra_info.update(steps=10, batch=8, net="gpu", method=method)
-
-    def run():
-        g = C.one_gradient(method, velocity, x0, target, **kw)
-        torch.cuda.synchronize(device)
-        return g
-    g = C.guard_oom(lambda: benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1),
-                    device)
-    if isinstance(g, str):
-        pytest.skip(f"{method} ran out of GPU memory")
-    assert bool(torch.isfinite(g).all())
-    assert C.rel_err(g, g_ref) <= 3e-4
+# The GPU gradient cases live in bench/test_bench_suite.py (test_gradient_method_gpu).

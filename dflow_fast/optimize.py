@@ -93,13 +93,13 @@ class _Objective:
             raise ValueError(f"cost(x1) must return one value per sample, shape [{B}], got {got}")
         return c
 
-    def __call__(self, idx: Optional[Tensor], X: Tensor, grad: bool = True):
-        """idx: [n] sample indices or None for all; X: [n, D]. Returns (f [n], g [n, D] or None,
+    def __call__(self, idx: Optional[Tensor], X: Tensor):
+        """idx: [n] sample indices or None for all; X: [n, D]. Returns (f [n], g [n, D],
         x1 [n, *S])."""
         n = X.shape[0]
         calls = self.u.calls
-        x0 = X.detach().reshape(n, *self.shape[1:]).requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
+        x0 = X.detach().reshape(n, *self.shape[1:]).requires_grad_(True)
+        with torch.enable_grad():
             x1 = run(self.u, self.plan, x0, self.gradient, (), guard=False,
                      memory_budget=self.memory_budget)
             full = x1 if idx is None else self.x1_full.index_put((idx,), x1)
@@ -108,16 +108,14 @@ class _Objective:
             fused = isinstance(self.reg, ChiPrior)  # value and gradient in one fused op
             if self.reg is not None and not fused:
                 f = f + self.reg(x0)
-            g = None
-            if grad:
-                if f.grad_fn is None:
-                    raise ValueError("cost(x1) does not depend on x1: there is nothing to optimize")
-                g, = torch.autograd.grad(f.sum(), x0)
-                g = g.reshape(n, -1)
+            if f.grad_fn is None:
+                raise ValueError("cost(x1) does not depend on x1: there is nothing to optimize")
+            g, = torch.autograd.grad(f.sum(), x0)
+            g = g.reshape(n, -1)
         if fused:
             _, value, rgrad = self.plan.ops.chi_prior(X.detach(), self.reg.weight)
             f = f + value.to(f.dtype)
-            g = None if g is None else g + rgrad
+            g = g + rgrad
         used = self.u.calls - calls
         if idx is None:
             self.nfe += used
