@@ -289,6 +289,11 @@ def mse_cost(x1: Tensor, target: Tensor) -> Tensor:
 PEER_METHODS = ("checkpoint", "torchdiffeq", "torchdiffeq-adjoint", "torchdiffeq-adjoint-ss",
                 "flow_matching")
 BASELINE_METHODS = ("vjp",)
+#: dflow_fast's other gradient schemes: "auto" (default memory budget: on a GPU with room to spare
+#: it keeps every step's graph), "auto-0" (budget 0: nothing kept, the adjoint's memory) and
+#: "reversible" (the reversible midpoint solver, default coupling: a different discretization of
+#: the same ODE, so its gradient differs from the reference's by the method's error, not rounding).
+DFLOW_EXTRA_METHODS = ("auto", "auto-0", "reversible")
 
 
 def peer_available(method: str) -> Optional[str]:
@@ -328,7 +333,8 @@ def available_methods(device: torch.device | str) -> list[str]:
     dev = torch.device(device).type
     usable = {"cpu": ("torch", "cpp"), "cuda": ("torch", "cuda", "triton")}.get(dev, ("torch",))
     backends = [b for b in dflow_fast.build_info()["backends"] if b in usable]
-    methods = ["reference", "backprop"] + [f"adjoint-{b}" for b in backends]
+    methods = (["reference", "backprop"] + [f"adjoint-{b}" for b in backends]
+               + list(DFLOW_EXTRA_METHODS))
     return methods + [m for m in PEER_METHODS if peer_available(m) is None] + ["vjp"]
 
 
@@ -398,8 +404,10 @@ def solve_by(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: Tens
     """x1 ``[B, *S]`` from x0 ``[B, *S]`` by ``method``:
 
     - ``"reference"``: dflow_fast.reference.solve, autograd through the plain loop;
-    - ``"backprop"`` or ``"adjoint"``: dflow_fast.solve's gradient schemes with the default
-      backend "auto", or ``"<gradient>-<backend>"`` for an explicit backend, e.g. ``"adjoint-cpp"``;
+    - ``"backprop"``, ``"adjoint"`` or ``"auto"``: dflow_fast.solve's gradient schemes with the
+      default backend "auto", or ``"<gradient>-<backend>"`` for an explicit backend, e.g.
+      ``"adjoint-cpp"``; ``"auto-0"``: gradient "auto" with ``memory_budget=0``; ``"reversible"``:
+      the reversible solver around ``solver`` with gradient "reversible";
     - peers (:data:`PEER_METHODS`): ``"checkpoint"`` (torch.utils.checkpoint per step),
       ``"torchdiffeq"`` (odeint, backprop, t = the grid), ``"torchdiffeq-adjoint"``
       (odeint_adjoint, t = the grid), ``"torchdiffeq-adjoint-ss"`` (odeint_adjoint, t = [0, 1] and
@@ -421,8 +429,14 @@ def solve_by(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: Tens
                                   adjoint="adjoint" in method, step_size=method.endswith("-ss"))
     if method == "flow_matching":
         return _flow_matching_solve(velocity, x0, steps=steps, solver=solver)
+    if method == "auto-0":
+        return dflow_fast.solve(velocity, x0, steps=steps, solver=solver, gradient="auto",
+                                memory_budget=0)
+    if method == "reversible":
+        return dflow_fast.solve(velocity, x0, steps=steps, solver=f"reversible_{solver}",
+                                gradient="reversible")
     gradient, _, backend = method.partition("-")
-    if gradient in ("backprop", "adjoint"):
+    if gradient in ("backprop", "adjoint", "auto"):
         return dflow_fast.solve(velocity, x0, steps=steps, solver=solver, gradient=gradient,
                                 backend=backend or None)
     raise ValueError(f"unknown method {method!r}; choose one of "

@@ -1,62 +1,117 @@
 #!/usr/bin/env bash
-# GPU verification of the compiled core, in one call on a CUDA machine (see bench/results/README.md):
-#   1. build the extension with the CUDA kernels against the machine's own torch (no venv, offline);
-#   2. the parity suites for the cuda and triton backends (fp32, fp16, bf16, fp64);
-#   3. kernel microbenchmarks (bandwidth vs copy bandwidth, speedup vs eager PyTorch);
-#   4. the end-to-end gradient benchmark through the 35M-parameter U-Net;
-#   5. peers (torchdiffeq, flow_matching, checkpoint), D-Flow end to end, the benchmark suite.
-# Results (JSON, Markdown, logs) go to ${OUT:-bench/results/gpu}; a short table is printed last.
+# GPU verification of dflow_fast on a CUDA machine, in stages (see bench/results/README.md).
+#
+#   bash bench/gpu_check.sh [STAGE ...]      # default: every stage, in this order
+#
+# Stages:
+#   build      compile dflow_fast._C in place with the CUDA kernels against the machine's own torch
+#              (offline, no venv; skipped when DFLOW_FAST_PREBUILT=1 and a _C for this Python exists)
+#   parity     the parity suites of the cuda and triton backends (fp32/fp16/bf16/fp64), the cpp and
+#              solve suites, and the reversible/auto suites, on the GPU
+#   kernels    kernel microbenchmarks (bandwidth vs a copy, speedup vs eager PyTorch)
+#   gradient   one gradient through the 35M-parameter 64x64 U-Net: every mode and backend
+#   budget     gradient="auto" across memory budgets, reversible vs adjoint vs backprop across steps
+#   drift      reversible reconstruction drift in fp32/bf16 on CUDA
+#   peers      torchdiffeq, flow_matching, torch.utils.checkpoint against dflow_fast
+#   e2e        D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)
+#   suite      the pytest-benchmark suite's gpu cases
+#
+# Results (JSON, Markdown, PNG, logs) go to $RESULTS (default bench/results/gpu); when $OUT is set
+# (the device tool) everything is packed into $OUT/gpu_results.tgz and the built extension is
+# copied to $OUT so that a later call can carry it (DFLOW_FAST_PREBUILT=1). Offline extras:
+# PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching), DFLOW_FAST_FASHION_MNIST_DIR=data.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu}
-mkdir -p "$OUT"
-PY=${PYTHON:-python}
+RESULTS=${RESULTS:-bench/results/gpu}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity kernels gradient budget drift peers e2e suite)
 status=0
-step() { echo; echo "== $*"; }
+summary=()
+step() { echo; echo "== $* ($(date +%T))"; }
+record() { summary+=("$(printf '%-9s %-6s %5ss' "$1" "$2" "$3")"); }
+last_rc=0
+run_stage() {  # name, seconds limit: the stage's function in a child bash, under timeout
+  local name=$1 limit=$2
+  step "$name"
+  local t0=$SECONDS
+  timeout "$limit" bash -c "$name"; last_rc=$?
+  if [ $last_rc = 0 ]; then record "$name" ok $((SECONDS - t0))
+  else status=1; record "$name" "rc=$last_rc" $((SECONDS - t0)); fi
+}
 
-step "environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
-$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-
-step "build (DFLOW_FAST_CUDA=1)"
-export DFLOW_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
-if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
-fi
-$PY -c "import json, dflow_fast; print(json.dumps(dflow_fast.build_info(), indent=1))" | tee "$OUT/build_info.json"
-
-step "parity: cuda and triton backends, torch reference"
-$PY -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py tests/test_ops_cpp.py tests/test_solve.py \
-    -q -p no:cacheprovider -x --junitxml="$OUT/parity.xml" 2>&1 | tail -25 | tee "$OUT/parity.txt" \
-  || status=1
-
-step "kernel microbenchmarks"
-$PY bench/bench_kernels.py --device cuda --out "$OUT/kernels_cuda.json" 2>&1 | tail -60 || status=1
-
-step "gradient benchmark (35M U-Net, 64x64)"
-$PY bench/bench_gradient.py --device cuda --config gpu --steps 5 10 20 40 --batch 8 \
-    --methods reference backprop adjoint-torch adjoint-cuda adjoint-triton \
-    --out "$OUT/gradient_cuda.json" --plot 2>&1 | tail -30 || status=1
-
-# Benchmark runs added with bench_peers.py / bench_e2e.py / test_bench_suite.py. The peers are
-# pure-Python wheels from PyPI; on an offline machine point PEER_WHEELS at a folder holding them
-# (`pip download --no-deps -d wheels torchdiffeq flow_matching` where PyPI is reachable).
-step "peers: one gradient vs reference, checkpoint, torchdiffeq, flow_matching (35M U-Net)"
+# Import the source tree directly: the in-place build puts _C next to the sources, and the Triton
+# kernels (installed as dflow_fast.kernels by pip) are linked in.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -e dflow_fast/kernels ] || ln -s ../kernels dflow_fast/kernels
 if [ -n "${PEER_WHEELS:-}" ]; then
-  $PY -m pip install -q --no-deps --no-index --find-links "$PEER_WHEELS" torchdiffeq flow_matching \
-    || echo "peer wheels not installed: peers are left out"
+  $PY -m pip install -q --no-deps --no-index --target /tmp/peers "$PEER_WHEELS"/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/peers" || echo "peer wheels not installed"
 fi
-$PY bench/bench_peers.py --device cuda --config gpu --out "$OUT/peers_cuda.json" 2>&1 | tail -60 \
-  || status=1
 
-step "end to end: D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)"
-$PY bench/bench_e2e.py --device cuda --out "$OUT/e2e_cuda.json" 2>&1 | tail -25 || status=1
+build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/nvidia-smi.txt"
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  local so
+  so=$($PY -c "import sysconfig; print('dflow_fast/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
+  if [ "${DFLOW_FAST_PREBUILT:-0}" = 1 ] && [ -f "$so" ]; then
+    echo "using the prebuilt $so"
+  else
+    rm -f "$so"
+    DFLOW_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace >"$RESULTS/build.log" 2>&1 \
+      || { tail -40 "$RESULTS/build.log"; echo "BUILD FAILED"; return 1; }
+  fi
+  $PY -c "import json, dflow_fast; print(json.dumps(dflow_fast.build_info(), indent=1))" \
+    | tee "$RESULTS/build_info.json"
+  $PY -c "import dflow_fast._ext as e, sys; sys.exit(0 if e.has_cuda() else 1)" \
+    || { echo "dflow_fast._C has no CUDA kernels"; return 1; }
+  if [ -n "$OUT" ]; then cp "$so" "$OUT/"; fi
+}
+parity() {
+  $PY -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py tests/test_ops_cpp.py \
+      tests/test_solve.py tests/test_reversible.py tests/test_auto.py \
+      -q -p no:cacheprovider --maxfail=10 -rs --junitxml="$RESULTS/parity.xml" 2>&1 | tee "$RESULTS/parity.txt" | tail -30
+}
+kernels() {
+  $PY bench/bench_kernels.py --device cuda --out "$RESULTS/kernels_cuda.json" 2>&1 | tail -60
+}
+gradient() {
+  $PY bench/bench_gradient.py --device cuda --config gpu --steps 5 10 20 40 --batch 1 8 32 \
+      --methods all --out "$RESULTS/gradient_cuda.json" --plot 2>&1 | tail -40
+}
+budget() {
+  $PY bench/bench_budget.py --device cuda --out "$RESULTS/budget_cuda.json" 2>&1 | tail -40
+}
+drift() {
+  $PY bench/bench_reversible.py --device cuda --drift-dtypes float32 bfloat16 \
+      --out "$RESULTS/reversible_cuda.json" 2>&1 | tail -40
+}
+peers() {
+  $PY bench/bench_peers.py --device cuda --config gpu --out "$RESULTS/peers_cuda.json" 2>&1 | tail -60
+}
+e2e() {
+  $PY bench/bench_e2e.py --device cuda --out "$RESULTS/e2e_cuda.json" 2>&1 | tail -25
+}
+suite() {
+  $PY -m pytest bench/test_bench_suite.py bench/test_bench_smoke.py -q -p no:cacheprovider -m gpu \
+      --benchmark-json="$RESULTS/suite_gpu.json" 2>&1 | tail -15
+}
 
-step "benchmark suite: gpu cases (pytest-benchmark JSON)"
-$PY -m pytest bench/test_bench_suite.py bench/test_bench_smoke.py -q -p no:cacheprovider -m gpu \
-    --benchmark-json="$OUT/suite_gpu.json" 2>&1 | tail -15 || status=1
+declare -A LIMIT=([build]=420 [parity]=420 [kernels]=240 [gradient]=420 [budget]=300 [drift]=240
+                  [peers]=420 [e2e]=420 [suite]=300)
+export RESULTS PY OUT=${OUT:-}
+export -f build parity kernels gradient budget drift peers e2e suite
+for s in "${STAGES[@]}"; do
+  [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s"; exit 2; }
+  run_stage "$s" "${LIMIT[$s]}"
+  if [ "$s" = build ] && [ $last_rc != 0 ]; then break; fi  # nothing else can run
+done
 
 step "summary"
-tail -3 "$OUT/parity.txt"
-[ -f "$OUT/kernels_cuda.md" ] && head -40 "$OUT/kernels_cuda.md"
+printf '%s\n' "${summary[@]}" | tee "$RESULTS/summary.txt"
+[ -f "$RESULTS/parity.txt" ] && tail -3 "$RESULTS/parity.txt"
+if [ -n "$OUT" ] && [ "$RESULTS" != "$OUT" ]; then
+  tar czf "$OUT/gpu_results.tgz" -C "$RESULTS" . && echo "packed $RESULTS into \$OUT/gpu_results.tgz"
+fi
 exit $status

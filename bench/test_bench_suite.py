@@ -25,8 +25,11 @@ from bench import common as C
 
 STEPS, BATCH = 4, 2
 TOL_F32 = 1e-5  # as in test_bench_smoke.py: float32 rounding through a few network evaluations
-EXACT = ("reference", "backprop", "adjoint-torch", "adjoint-cpp", "checkpoint", "torchdiffeq",
-         "flow_matching")
+EXACT = ("reference", "backprop", "adjoint-torch", "adjoint-cpp", "auto", "auto-0", "checkpoint",
+         "torchdiffeq", "flow_matching")
+# The reversible solver discretizes the ODE differently: its gradient is checked against backprop
+# through the same reversible solver, not against the plain midpoint reference.
+REVERSIBLE = ("reversible",)
 APPROX = ("torchdiffeq-adjoint", "torchdiffeq-adjoint-ss")  # continuous adjoints
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -62,13 +65,23 @@ def _problem(config: str, batch: int, device="cpu", seed: int = 0):
 
 # ----------------------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("method", EXACT + APPROX)
+def _reversible_backprop_gradient(velocity, x0, target, steps):
+    x = x0.detach().requires_grad_(True)
+    x1 = dflow_fast.solve(velocity, x, steps=steps, solver="reversible_midpoint",
+                          gradient="backprop")
+    return torch.autograd.grad(C.mse_cost(x1, target).sum(), x)[0]
+
+
+@pytest.mark.parametrize("method", EXACT + APPROX + REVERSIBLE)
 def test_gradient_method_cpu(benchmark, method):
     """Every method's gradient through a 4-step midpoint solve of the tiny U-Net, timed."""
     _skip_unavailable(method)
     net, velocity, x0, target = _problem("tiny", BATCH)
     kw = dict(steps=STEPS, solver="midpoint")
-    g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
+    if method in REVERSIBLE:
+        g_ref = _reversible_backprop_gradient(velocity, x0, target, STEPS)
+    else:
+        g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
     benchmark.group = "suite-gradient-cpu-midpoint"
     benchmark.extra_info.update(steps=STEPS, batch=BATCH, net="tiny", method=method)
     g = benchmark.pedantic(C.one_gradient, args=(method, velocity, x0, target), kwargs=kw,
@@ -76,7 +89,7 @@ def test_gradient_method_cpu(benchmark, method):
     assert g.shape == x0.shape and bool(torch.isfinite(g).all())
     err = C.rel_err(g, g_ref)
     benchmark.extra_info["rel_err_vs_ref"] = err
-    if method in EXACT:
+    if method in EXACT + REVERSIBLE:
         assert err <= TOL_F32
     else:
         # The continuous adjoint discretizes the adjoint ODE instead of differentiating the
@@ -116,6 +129,7 @@ def test_rss_meter_sees_a_large_allocation():
 def test_available_methods_lists_every_cpu_method():
     methods = C.available_methods("cpu")
     assert methods[:2] == ["reference", "backprop"] and "adjoint-torch" in methods
+    assert {"auto", "auto-0", "reversible"} <= set(methods)
     assert "checkpoint" in methods and methods[-1] == "vjp"
     assert not any(m.startswith(("adjoint-cuda", "adjoint-triton")) for m in methods)
 
@@ -203,7 +217,7 @@ def test_bench_e2e_script_on_fashion_mnist(tmp_path):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("method", ["reference", "backprop", "adjoint-torch", "adjoint-cuda",
-                                    "adjoint-triton", "checkpoint", "torchdiffeq",
+                                    "adjoint-triton", "auto", "auto-0", "reversible", "checkpoint", "torchdiffeq",
                                     "torchdiffeq-adjoint", "flow_matching"])
 def test_gradient_method_gpu(benchmark, method):
     """The 35M-parameter net, batch 8, 3x64x64, 10 midpoint steps: every method incl. peers."""
@@ -211,7 +225,12 @@ def test_gradient_method_gpu(benchmark, method):
     device = torch.device("cuda")
     net, velocity, x0, target = _problem("gpu", 8, device=device)
     kw = dict(steps=10, solver="midpoint")
-    g_ref = C.guard_oom(lambda: C.one_gradient("reference", velocity, x0, target, **kw), device)
+    if method in REVERSIBLE:
+        g_ref = C.guard_oom(lambda: _reversible_backprop_gradient(velocity, x0, target, 10),
+                            device)
+    else:
+        g_ref = C.guard_oom(lambda: C.one_gradient("reference", velocity, x0, target, **kw),
+                            device)
     if isinstance(g_ref, str):
         pytest.skip("reference gradient ran out of GPU memory")
     benchmark.group = "suite-gradient-gpu-midpoint"
@@ -226,7 +245,7 @@ def test_gradient_method_gpu(benchmark, method):
     if isinstance(g, str):
         pytest.skip(f"{method} ran out of GPU memory")
     err = C.rel_err(g, g_ref)
-    assert err <= 3e-4 if method in EXACT else 1e-5 < err < 0.1
+    assert err <= 3e-4 if method in EXACT + REVERSIBLE else 1e-5 < err < 0.1
 
 
 @pytest.mark.gpu
