@@ -64,7 +64,13 @@ def check(out, want64, torch_lowp, dtype, kind, scale=None):
         diff = float((t.double() - want64).norm())
         return diff / (float(want64.norm()) if scale is None else scale)
     err = err_of(out)
-    bound = 2 * err_of(torch_lowp) + LOWP_EPS if dtype in LOW else TOL[kind][dtype]
+    if dtype in LOW and not bool(torch.isfinite(torch_lowp).all()):
+        # torch's own low-precision result overflowed (fp16 tops out at 65504, e.g. chi_prior's
+        # value for D = 2^18): the fused op keeps such statistics in float32, so hold it to the
+        # float32 tolerance instead.
+        bound = TOL[kind][torch.float32]
+    else:
+        bound = 2 * err_of(torch_lowp) + LOWP_EPS if dtype in LOW else TOL[kind][dtype]
     assert err <= bound, f"{kind} {dtype}: rel err {err:.3g} > {bound:.3g}"
 
 
