@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -42,6 +43,19 @@ void map_elementwise(scalar_t* out, int64_t n, const F& f, const In*... in) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       out[i] = static_cast<scalar_t>(f(static_cast<acc_t>(in[i])...));
+    }
+  });
+}
+
+// outs[k][i] = f(in[i]...)[k] for k < NOut: several outputs from one pass over the inputs.
+template <typename scalar_t, size_t NOut, typename F, typename... In>
+void map_elementwise_n(const std::array<scalar_t*, NOut>& outs, int64_t n, const F& f,
+                       const In*... in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const std::array<acc_t, NOut> r = f(static_cast<acc_t>(in[i])...);
+      for (size_t k = 0; k < NOut; ++k) outs[k][i] = static_cast<scalar_t>(r[k]);
     }
   });
 }
@@ -223,6 +237,134 @@ at::Tensor lbfgs_direction_cpu(const at::Tensor& g_, const at::Tensor& S_, const
   return out;
 }
 
+// ---- reversible solvers' state updates ----------------------------------------------------------
+// Scalar coefficients are formed in double (as the twins form them in Python) and rounded once to
+// opmath; each formula keeps the twin's association.
+
+at::Tensor heun_predict_cpu(const at::Tensor& y_, const at::Tensor& yhat_, const at::Tensor& f_,
+                            double h) {
+  check_elementwise("heun_predict", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}});
+  const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous();
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::heun_predict", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t hh = static_cast<acc_t>(h);
+    map_elementwise(
+        out.mutable_data_ptr<scalar_t>(), y.numel(),
+        [hh](acc_t yi, acc_t yhi, acc_t fi) { return (acc_t(2) * yi - yhi) + hh * fi; },
+        y.const_data_ptr<scalar_t>(), yhat.const_data_ptr<scalar_t>(),
+        f.const_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> heun_step_cpu(const at::Tensor& y_, const at::Tensor& yhat_,
+                                                 const at::Tensor& f_, const at::Tensor& fnext_,
+                                                 double h, double hnext) {
+  check_elementwise("heun_step", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}, {"fnext", &fnext_}});
+  const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous(),
+                   fnext = fnext_.contiguous();
+  at::Tensor y1 = at::empty(y.sizes(), y.options()), yhat2 = at::empty(y.sizes(), y.options());
+  DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::heun_step", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t half_h = static_cast<acc_t>(0.5 * h), hn = static_cast<acc_t>(hnext);
+    // The prediction uses y' in opmath, before it is rounded to scalar_t (as the twin does).
+    map_elementwise_n<scalar_t, 2>(
+        {y1.mutable_data_ptr<scalar_t>(), yhat2.mutable_data_ptr<scalar_t>()}, y.numel(),
+        [half_h, hn](acc_t yi, acc_t yhi, acc_t fi, acc_t fni) {
+          const acc_t yn = yi + half_h * (fi + fni);
+          return std::array<acc_t, 2>{yn, (acc_t(2) * yn - yhi) + hn * fni};
+        },
+        y.const_data_ptr<scalar_t>(), yhat.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+        fnext.const_data_ptr<scalar_t>());
+  });
+  return {y1, yhat2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> heun_adjoint_cpu(const at::Tensor& a_y_,
+                                                                const at::Tensor& a_yhat_,
+                                                                const at::Tensor& w_, double h,
+                                                                double hnext) {
+  check_elementwise("heun_adjoint", {{"a_y", &a_y_}, {"a_yhat", &a_yhat_}, {"w", &w_}});
+  const at::Tensor a_y = a_y_.contiguous(), a_yhat = a_yhat_.contiguous(), w = w_.contiguous();
+  const auto opts = a_y.options();
+  at::Tensor o_y = at::empty(a_y.sizes(), opts), o_yhat = at::empty(a_y.sizes(), opts),
+             o_g = at::empty(a_y.sizes(), opts);
+  DFLOW_FAST_DISPATCH(a_y.scalar_type(), "dflow_fast::heun_adjoint", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t half_h = static_cast<acc_t>(0.5 * h), hh = static_cast<acc_t>(h),
+                half_hn = static_cast<acc_t>(0.5 * hnext);
+    map_elementwise_n<scalar_t, 3>(
+        {o_y.mutable_data_ptr<scalar_t>(), o_yhat.mutable_data_ptr<scalar_t>(),
+         o_g.mutable_data_ptr<scalar_t>()},
+        a_y.numel(),
+        [half_h, hh, half_hn](acc_t ay, acc_t ayh, acc_t wi) {
+          const acc_t c = ayh + wi;
+          const acc_t ay1 = ay + acc_t(2) * c;
+          return std::array<acc_t, 3>{ay1, -c, (half_h * ay + hh * c) + half_hn * ay1};
+        },
+        a_y.const_data_ptr<scalar_t>(), a_yhat.const_data_ptr<scalar_t>(),
+        w.const_data_ptr<scalar_t>());
+  });
+  return {o_y, o_yhat, o_g};
+}
+
+at::Tensor coupled_forward_cpu(const at::Tensor& y_, const at::Tensor& z_, const at::Tensor& v_,
+                               double lam, double h) {
+  check_elementwise("coupled_forward", {{"y", &y_}, {"z", &z_}, {"v", &v_}});
+  const at::Tensor y = y_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::coupled_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t l = static_cast<acc_t>(lam), oml = static_cast<acc_t>(1.0 - lam),
+                hh = static_cast<acc_t>(h);
+    map_elementwise(
+        out.mutable_data_ptr<scalar_t>(), y.numel(),
+        [l, oml, hh](acc_t yi, acc_t zi, acc_t vi) { return (l * yi + oml * zi) + hh * vi; },
+        y.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor coupled_inverse_cpu(const at::Tensor& y1_, const at::Tensor& z_, const at::Tensor& v_,
+                               double lam, double h) {
+  check_elementwise("coupled_inverse", {{"y1", &y1_}, {"z", &z_}, {"v", &v_}});
+  check_coupled_inverse_lam(lam);
+  const at::Tensor y1 = y1_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
+  at::Tensor out = at::empty(y1.sizes(), y1.options());
+  DFLOW_FAST_DISPATCH(y1.scalar_type(), "dflow_fast::coupled_inverse", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t l = static_cast<acc_t>(lam), oml = static_cast<acc_t>(1.0 - lam),
+                hh = static_cast<acc_t>(h);
+    // A true division by lam, not a multiplication by 1/lam: one rounding fewer, like the twin.
+    map_elementwise(
+        out.mutable_data_ptr<scalar_t>(), y1.numel(),
+        [l, oml, hh](acc_t yi, acc_t zi, acc_t vi) { return ((yi - oml * zi) - hh * vi) / l; },
+        y1.const_data_ptr<scalar_t>(), z.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> coupled_adjoint_cpu(const at::Tensor& a_z_, const at::Tensor& b_,
+                                                       const at::Tensor& w_, double lam, double h) {
+  check_elementwise("coupled_adjoint", {{"a_z", &a_z_}, {"b", &b_}, {"w", &w_}});
+  const at::Tensor a_z = a_z_.contiguous(), b = b_.contiguous(), w = w_.contiguous();
+  at::Tensor o_y = at::empty(a_z.sizes(), a_z.options()),
+             o_z = at::empty(a_z.sizes(), a_z.options());
+  DFLOW_FAST_DISPATCH(a_z.scalar_type(), "dflow_fast::coupled_adjoint", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t l = static_cast<acc_t>(lam), oml = static_cast<acc_t>(1.0 - lam),
+                hh = static_cast<acc_t>(h);
+    map_elementwise_n<scalar_t, 2>(
+        {o_y.mutable_data_ptr<scalar_t>(), o_z.mutable_data_ptr<scalar_t>()}, a_z.numel(),
+        [l, oml, hh](acc_t az, acc_t bi, acc_t wi) {
+          return std::array<acc_t, 2>{l * bi, (az + oml * bi) + hh * wi};
+        },
+        a_z.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>());
+  });
+  return {o_y, o_z};
+}
+
 bool cpu_kernels_openmp() {
 #ifdef _OPENMP
   return true;
@@ -239,4 +381,10 @@ TORCH_LIBRARY_IMPL(dflow_fast, CPU, m) {
   m.impl("adjoint_midpoint", &dflow_fast::adjoint_midpoint_cpu);
   m.impl("chi_prior", &dflow_fast::chi_prior_cpu);
   m.impl("lbfgs_direction", &dflow_fast::lbfgs_direction_cpu);
+  m.impl("heun_predict", &dflow_fast::heun_predict_cpu);
+  m.impl("heun_step", &dflow_fast::heun_step_cpu);
+  m.impl("heun_adjoint", &dflow_fast::heun_adjoint_cpu);
+  m.impl("coupled_forward", &dflow_fast::coupled_forward_cpu);
+  m.impl("coupled_inverse", &dflow_fast::coupled_inverse_cpu);
+  m.impl("coupled_adjoint", &dflow_fast::coupled_adjoint_cpu);
 }

@@ -7,6 +7,7 @@
 #include <torch/headeronly/version.h>
 
 #include <string>
+#include <tuple>
 
 #include "dflow_fast.h"
 
@@ -92,6 +93,53 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "d = -H g of the batched L-BFGS two-loop recursion; g: [B, D], S, Y: [B, m, D], "
         "rho: [B, m], gamma: [B]",
         py::arg("g"), py::arg("S"), py::arg("Y"), py::arg("rho"), py::arg("gamma"), nogil);
+
+  // Reversible solvers' state updates (formulas: dflow_fast/_reference.py).
+  using T2 = std::tuple<T, T>;
+  using T3 = std::tuple<T, T, T>;
+  m.def("heun_predict",
+        [](CT y, CT yhat, CT f, double h) {
+          static const auto op = typed_op<T(CT, CT, CT, double)>("heun_predict");
+          return op.call(y, yhat, f, h);
+        },
+        "2 y - yhat + h f; all [B, *S]", py::arg("y"), py::arg("yhat"), py::arg("f"),
+        py::arg("h"), nogil);
+  m.def("heun_step",
+        [](CT y, CT yhat, CT f, CT fnext, double h, double hnext) {
+          static const auto op = typed_op<T2(CT, CT, CT, CT, double, double)>("heun_step");
+          return op.call(y, yhat, f, fnext, h, hnext);
+        },
+        "(y' = y + (h/2)(f + fnext), 2 y' - yhat + hnext fnext); all [B, *S]", py::arg("y"),
+        py::arg("yhat"), py::arg("f"), py::arg("fnext"), py::arg("h"), py::arg("hnext"), nogil);
+  m.def("heun_adjoint",
+        [](CT a_y, CT a_yhat, CT w, double h, double hnext) {
+          static const auto op = typed_op<T3(CT, CT, CT, double, double)>("heun_adjoint");
+          return op.call(a_y, a_yhat, w, h, hnext);
+        },
+        "reversible Heun's adjoint through one step, c = a_yhat + w: (a_y + 2c, -c, "
+        "(h/2) a_y + h c + (hnext/2)(a_y + 2c)); all [B, *S]",
+        py::arg("a_y"), py::arg("a_yhat"), py::arg("w"), py::arg("h"), py::arg("hnext"), nogil);
+  m.def("coupled_forward",
+        [](CT y, CT z, CT v, double lam, double h) {
+          static const auto op = typed_op<T(CT, CT, CT, double, double)>("coupled_forward");
+          return op.call(y, z, v, lam, h);
+        },
+        "lam y + (1 - lam) z + h v; all [B, *S]", py::arg("y"), py::arg("z"), py::arg("v"),
+        py::arg("lam"), py::arg("h"), nogil);
+  m.def("coupled_inverse",
+        [](CT y1, CT z, CT v, double lam, double h) {
+          static const auto op = typed_op<T(CT, CT, CT, double, double)>("coupled_inverse");
+          return op.call(y1, z, v, lam, h);
+        },
+        "(y1 - (1 - lam) z - h v) / lam; all [B, *S]", py::arg("y1"), py::arg("z"), py::arg("v"),
+        py::arg("lam"), py::arg("h"), nogil);
+  m.def("coupled_adjoint",
+        [](CT a_z, CT b, CT w, double lam, double h) {
+          static const auto op = typed_op<T2(CT, CT, CT, double, double)>("coupled_adjoint");
+          return op.call(a_z, b, w, lam, h);
+        },
+        "(lam b, a_z + (1 - lam) b + h w); all [B, *S]", py::arg("a_z"), py::arg("b"),
+        py::arg("w"), py::arg("lam"), py::arg("h"), nogil);
 
   // Build facts.
   m.def("has_cuda", [] { return cuda_build_facts().linked; },

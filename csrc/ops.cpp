@@ -83,6 +83,11 @@ void check_lbfgs(const at::Tensor& g, const at::Tensor& S, const at::Tensor& Y,
   }
 }
 
+void check_coupled_inverse_lam(double lam) {
+  TORCH_CHECK(lam != 0.0, "dflow_fast::coupled_inverse: lam must be nonzero (the inverse divides "
+              "by it), got ", lam);
+}
+
 at::ScalarType chi_prior_stat_dtype(at::ScalarType x_dtype) {
   return (x_dtype == at::kHalf || x_dtype == at::kBFloat16) ? at::kFloat : x_dtype;
 }
@@ -98,4 +103,13 @@ TORCH_LIBRARY(dflow_fast, m) {
   m.def("adjoint_midpoint(Tensor a, Tensor w2, Tensor w1) -> Tensor");
   m.def("chi_prior(Tensor x, float weight) -> (Tensor, Tensor, Tensor)");
   m.def("lbfgs_direction(Tensor g, Tensor S, Tensor Y, Tensor rho, Tensor gamma) -> Tensor");
+  // State updates of the reversible solvers (reversible Heun; coupled reversible RK).
+  m.def("heun_predict(Tensor y, Tensor yhat, Tensor f, float h) -> Tensor");
+  m.def("heun_step(Tensor y, Tensor yhat, Tensor f, Tensor fnext, float h, float hnext) "
+        "-> (Tensor, Tensor)");
+  m.def("heun_adjoint(Tensor a_y, Tensor a_yhat, Tensor w, float h, float hnext) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("coupled_forward(Tensor y, Tensor z, Tensor v, float lam, float h) -> Tensor");
+  m.def("coupled_inverse(Tensor y1, Tensor z, Tensor v, float lam, float h) -> Tensor");
+  m.def("coupled_adjoint(Tensor a_z, Tensor b, Tensor w, float lam, float h) -> (Tensor, Tensor)");
 }

@@ -1,16 +1,19 @@
 """The compiled core: loads ``dflow_fast._C`` and completes its ops for PyTorch's tooling.
 
-``dflow_fast._C`` registers the five ops' schemas (``torch.ops.dflow_fast.*``) and their CPU and
-(when built) CUDA kernels in C++. This module adds, per op, the fake (meta) kernel that
-``torch.compile`` and ``torch.library.opcheck`` trace with, and the autograd formula. The C++
-library names this module as the home of its fake kernels (``m.set_python_module``): torch requires
-that, and says "import dflow_fast._ext" if a fake tensor reaches an op before this module is loaded.
+``dflow_fast._C`` registers the ops' schemas (``torch.ops.dflow_fast.*``) and their CPU and
+(when built) CUDA kernels in C++: the five of the plain solvers and the optimizer, and the six
+state updates of the reversible solvers (:data:`dflow_fast.backends.REVERSIBLE_OP_NAMES`). This
+module adds, per op, the fake (meta) kernel that ``torch.compile`` and ``torch.library.opcheck``
+trace with, and the autograd formula. The C++ library names this module as the home of its fake
+kernels (``m.set_python_module``): torch requires that, and says "import dflow_fast._ext" if a fake
+tensor reaches an op before this module is loaded.
 
 Imported lazily by :mod:`dflow_fast.backends` (backends "cpp" and "cuda"); an ImportError of the
 extension propagates, and backends.py turns it into a message that says how to build it.
 
-Shapes: ``x, v, a, w*: [B, *S]``; ``x`` of chi_prior and ``g``: ``[B, D]``; ``S, Y: [B, m, D]``;
-``rho: [B, m]``; ``gamma: [B]``. Outputs are new contiguous tensors.
+Shapes: ``x, v, a, w*`` and every tensor of the reversible updates: ``[B, *S]``; ``x`` of
+chi_prior and ``g``: ``[B, D]``; ``S, Y: [B, m, D]``; ``rho: [B, m]``; ``gamma: [B]``. Outputs are
+new contiguous tensors.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ _LOW = (torch.float16, torch.bfloat16)
 
 def ops():
     """The op namespace ``torch.ops.dflow_fast`` (axpy, adjoint_euler, adjoint_midpoint,
-    chi_prior, lbfgs_direction); dispatches to the CPU or CUDA kernel by the inputs' device."""
+    chi_prior, lbfgs_direction, heun_predict, heun_step, heun_adjoint, coupled_forward,
+    coupled_inverse, coupled_adjoint); dispatches to the CPU or CUDA kernel by the inputs'
+    device."""
     return torch.ops.dflow_fast
 
 
@@ -100,6 +105,47 @@ def _lbfgs_direction_fake(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: T
     return _new_like(g)
 
 
+@torch.library.register_fake("dflow_fast::heun_predict")
+def _heun_predict_fake(y: Tensor, yhat: Tensor, f: Tensor, h: float) -> Tensor:
+    _check_like("heun_predict", "y", y, yhat=yhat, f=f)
+    return _new_like(y)
+
+
+@torch.library.register_fake("dflow_fast::heun_step")
+def _heun_step_fake(y: Tensor, yhat: Tensor, f: Tensor, fnext: Tensor, h: float,
+                    hnext: float) -> tuple[Tensor, Tensor]:
+    _check_like("heun_step", "y", y, yhat=yhat, f=f, fnext=fnext)
+    return _new_like(y), _new_like(y)
+
+
+@torch.library.register_fake("dflow_fast::heun_adjoint")
+def _heun_adjoint_fake(a_y: Tensor, a_yhat: Tensor, w: Tensor, h: float,
+                       hnext: float) -> tuple[Tensor, Tensor, Tensor]:
+    _check_like("heun_adjoint", "a_y", a_y, a_yhat=a_yhat, w=w)
+    return _new_like(a_y), _new_like(a_y), _new_like(a_y)
+
+
+@torch.library.register_fake("dflow_fast::coupled_forward")
+def _coupled_forward_fake(y: Tensor, z: Tensor, v: Tensor, lam: float, h: float) -> Tensor:
+    _check_like("coupled_forward", "y", y, z=z, v=v)
+    return _new_like(y)
+
+
+@torch.library.register_fake("dflow_fast::coupled_inverse")
+def _coupled_inverse_fake(y1: Tensor, z: Tensor, v: Tensor, lam: float, h: float) -> Tensor:
+    _check_like("coupled_inverse", "y1", y1, z=z, v=v)
+    torch._check(lam != 0, lambda: "dflow_fast::coupled_inverse: lam must be nonzero (the "
+                                   "inverse divides by it), got 0")
+    return _new_like(y1)
+
+
+@torch.library.register_fake("dflow_fast::coupled_adjoint")
+def _coupled_adjoint_fake(a_z: Tensor, b: Tensor, w: Tensor, lam: float,
+                          h: float) -> tuple[Tensor, Tensor]:
+    _check_like("coupled_adjoint", "a_z", a_z, b=b, w=w)
+    return _new_like(a_z), _new_like(a_z)
+
+
 # ---- autograd: the formulas shared with the Triton backend ------------------------------------
 from . import _op_autograd as _ag  # noqa: E402
 
@@ -110,3 +156,7 @@ torch.library.register_autograd("dflow_fast::adjoint_midpoint", _ag.adjoint_midp
 torch.library.register_autograd("dflow_fast::chi_prior", _ag.chi_prior_backward,
                                 setup_context=_ag.chi_prior_setup)
 torch.library.register_autograd("dflow_fast::lbfgs_direction", _ag.lbfgs_direction_backward)
+for _name in ("heun_predict", "heun_step", "heun_adjoint", "coupled_forward", "coupled_inverse",
+              "coupled_adjoint"):
+    torch.library.register_autograd(f"dflow_fast::{_name}", getattr(_ag, f"{_name}_backward"),
+                                    setup_context=_ag.scalars_setup)

@@ -3,7 +3,8 @@
 differentiate identically, like their twins in ``dflow_fast._reference``.
 
 Backward formulas are plain torch ops, so they are themselves differentiable (double backward).
-lbfgs_direction alone has none: its registered backward raises a clear error.
+lbfgs_direction alone has none: its registered backward raises a clear error. The reversible
+solvers' updates (heun_*, coupled_*) share one setup (:func:`scalars_setup`).
 """
 from __future__ import annotations
 
@@ -72,3 +73,88 @@ def lbfgs_direction_backward(ctx, grad):
 
 def no_setup(ctx, inputs, output):
     pass
+
+
+# ---- reversible solvers' state updates -------------------------------------------------------
+# Each is linear in its tensor inputs with scalar coefficients, so every input's gradient is a
+# fixed linear combination of the output cotangents. Multi-output ops skip None cotangents (unused
+# outputs, e.g. heun_step's prediction at the last step) instead of materializing zeros. Formed in
+# fp32 for fp16/bf16 cotangents (one rounding, like the kernels), in plain torch ops so that they
+# are differentiable again.
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _combine(dtype, *terms):
+    """sum of ``coef * t`` over ``(coef, t)`` pairs whose t is not None, in fp32 for fp16/bf16;
+    None when every t is None (autograd reads that as a zero gradient)."""
+    out = None
+    for coef, t in terms:
+        if t is None:
+            continue
+        t = t.float() if t.dtype in _LOW else t
+        term = t if coef == 1 else t * coef
+        out = term if out is None else out + term
+    return None if out is None else out.to(dtype)
+
+
+def _grads(ctx, *grads):
+    """The input gradients, None where the input needs none; scalar inputs get None."""
+    need = ctx.needs_input_grad
+    return (tuple(g if n else None for g, n in zip(grads, need))
+            + (None,) * (len(need) - len(grads)))
+
+
+def scalars_setup(ctx, inputs, output):
+    """Keeps the float arguments (every one after the tensors) and the dtype of the outputs."""
+    ctx.scalars = tuple(a for a in inputs if not isinstance(a, torch.Tensor))
+    ctx.dtype = inputs[0].dtype
+    ctx.set_materialize_grads(False)
+
+
+def heun_predict_backward(ctx, g):
+    # 2 y - yhat + h f
+    h, = ctx.scalars
+    dt = ctx.dtype
+    return _grads(ctx, _combine(dt, (2, g)), _combine(dt, (-1, g)), _combine(dt, (h, g)))
+
+
+def heun_step_backward(ctx, g1, g2):
+    # y' = y + (h/2)(f + fnext);  yhat'' = 2 y' - yhat + hnext fnext.  G: total cotangent of y'.
+    h, hnext = ctx.scalars
+    dt = ctx.dtype
+    G = _combine(dt, (1, g1), (2, g2))
+    return _grads(ctx, G, _combine(dt, (-1, g2)), _combine(dt, (0.5 * h, G)),
+                  _combine(dt, (0.5 * h, G), (hnext, g2)))
+
+
+def heun_adjoint_backward(ctx, g1, g2, g3):
+    # With c = a_yhat + w: (a_y + 2c, -c, (h + hnext)/2 a_y + (h + hnext) c); a_yhat and w enter
+    # only through c.
+    h, hnext = ctx.scalars
+    dt = ctx.dtype
+    gc = _combine(dt, (2, g1), (-1, g2), (h + hnext, g3))
+    return _grads(ctx, _combine(dt, (1, g1), (0.5 * (h + hnext), g3)), gc, gc)
+
+
+def coupled_forward_backward(ctx, g):
+    # lam y + (1 - lam) z + h v
+    lam, h = ctx.scalars
+    dt = ctx.dtype
+    return _grads(ctx, _combine(dt, (lam, g)), _combine(dt, (1 - lam, g)), _combine(dt, (h, g)))
+
+
+def coupled_inverse_backward(ctx, g):
+    # (y1 - (1 - lam) z - h v) / lam
+    lam, h = ctx.scalars
+    dt = ctx.dtype
+    return _grads(ctx, _combine(dt, (1 / lam, g)), _combine(dt, (-(1 - lam) / lam, g)),
+                  _combine(dt, (-h / lam, g)))
+
+
+def coupled_adjoint_backward(ctx, g1, g2):
+    # (lam b, a_z + (1 - lam) b + h w)
+    lam, h = ctx.scalars
+    dt = ctx.dtype
+    return _grads(ctx, _combine(dt, (1, g2)), _combine(dt, (lam, g1), (1 - lam, g2)),
+                  _combine(dt, (h, g2)))

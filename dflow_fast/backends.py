@@ -12,11 +12,11 @@ fastest one that loads for the device and falls back quietly, with a log line. A
 by name that cannot load raises an error that says how to get it. Loading is lazy: importing
 dflow_fast never imports triton or the extension.
 
-The reversible solvers' ops (:data:`REVERSIBLE_OP_NAMES`) have no compiled kernels yet: every
-backend that does not define one of them (today "cpp", "cuda" and "triton") runs the PyTorch twin
-from :mod:`dflow_fast._reference` for it, explicitly and with a debug log line, and lists it in
-``Ops.fallbacks``. The twins are plain torch ops, so they run on any device and differentiate.
-When a backend gains a kernel for one of these ops, it is picked up by name with no change here.
+The reversible solvers' ops (:data:`REVERSIBLE_OP_NAMES`) are looked up by name like the others,
+but are optional: a backend that does not define one of them runs the PyTorch twin from
+:mod:`dflow_fast._reference` for it, explicitly and with a debug log line, and lists it in
+``Ops.fallbacks``. Today "cpp", "cuda" and "triton" define all six (``fallbacks == ()``); the
+fallback keeps a backend built from older sources, or a new one, usable.
 """
 from __future__ import annotations
 

@@ -12,6 +12,18 @@ autograd, ``torch.compile`` and ``torch.export``:
     lbfgs_direction(g, S, Y, rho, gamma)   d [B, D]   g: [B, D], S, Y: [B, m, D], rho: [B, m],
                                                       gamma: [B]
 
+and the reversible solvers' state updates, every tensor ``[B, *S]`` (formulas in
+:mod:`dflow_fast._reference`):
+
+    heun_predict(y, yhat, f, h)                    2 y - yhat + h f
+    heun_step(y, yhat, f, fnext, h, hnext)         (y', 2 y' - yhat + hnext fnext),
+                                                   y' = y + (h/2)(f + fnext)
+    heun_adjoint(a_y, a_yhat, w, h, hnext)         (a_y + 2c, -c, (h/2) a_y + h c
+                                                    + (hnext/2)(a_y + 2c)),  c = a_yhat + w
+    coupled_forward(y, z, v, lam, h)               lam y + (1 - lam) z + h v
+    coupled_inverse(y1, z, v, lam, h)              (y1 - (1 - lam) z - h v) / lam
+    coupled_adjoint(a_z, b, w, lam, h)             (lam b, a_z + (1 - lam) b + h w)
+
 fp16/bf16 inputs are computed in fp32. Tensors must be on a CUDA device, or on the CPU under the
 Triton interpreter (``TRITON_INTERPRET=1`` set before the first call; slow, for tests).
 
@@ -25,7 +37,8 @@ from typing import Tuple
 from torch import Tensor
 
 __all__ = ["check_available", "axpy", "adjoint_euler", "adjoint_midpoint", "chi_prior",
-           "lbfgs_direction"]
+           "lbfgs_direction", "heun_predict", "heun_step", "heun_adjoint", "coupled_forward",
+           "coupled_inverse", "coupled_adjoint"]
 
 _MIN_TRITON = (3, 0)
 _MIN_TORCH = (2, 6)  # torch.library.triton_op and wrap_triton
@@ -90,3 +103,47 @@ def lbfgs_direction(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: Tensor)
     :func:`dflow_fast._reference.lbfgs_direction`."""
     from .lbfgs import lbfgs_direction as impl
     return impl(g, S, Y, rho, gamma)
+
+
+# ---- reversible solvers' state updates (kernels in .reversible) ------------------------------
+
+def heun_predict(y: Tensor, yhat: Tensor, f: Tensor, h: float) -> Tensor:
+    """Reversible Heun's prediction ``2 y - yhat + h f``, all ``[B, *S]``."""
+    from .reversible import heun_predict as impl
+    return impl(y, yhat, f, h)
+
+
+def heun_step(y: Tensor, yhat: Tensor, f: Tensor, fnext: Tensor, h: float,
+              hnext: float) -> Tuple[Tensor, Tensor]:
+    """``(y' = y + (h/2)(f + fnext), 2 y' - yhat + hnext fnext)`` in one pass, all ``[B, *S]``;
+    see :func:`dflow_fast._reference.heun_step`."""
+    from .reversible import heun_step as impl
+    return impl(y, yhat, f, fnext, h, hnext)
+
+
+def heun_adjoint(a_y: Tensor, a_yhat: Tensor, w: Tensor, h: float,
+                 hnext: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reversible Heun's adjoint through one step, all ``[B, *S]``; see
+    :func:`dflow_fast._reference.heun_adjoint`."""
+    from .reversible import heun_adjoint as impl
+    return impl(a_y, a_yhat, w, h, hnext)
+
+
+def coupled_forward(y: Tensor, z: Tensor, v: Tensor, lam: float, h: float) -> Tensor:
+    """Coupled reversible RK's update ``lam y + (1 - lam) z + h v``, all ``[B, *S]``."""
+    from .reversible import coupled_forward as impl
+    return impl(y, z, v, lam, h)
+
+
+def coupled_inverse(y1: Tensor, z: Tensor, v: Tensor, lam: float, h: float) -> Tensor:
+    """Inverse of :func:`coupled_forward`: ``(y1 - (1 - lam) z - h v) / lam``, all ``[B, *S]``."""
+    from .reversible import coupled_inverse as impl
+    return impl(y1, z, v, lam, h)
+
+
+def coupled_adjoint(a_z: Tensor, b: Tensor, w: Tensor, lam: float,
+                    h: float) -> Tuple[Tensor, Tensor]:
+    """Coupled reversible RK's adjoint ``(lam b, a_z + (1 - lam) b + h w)``, all ``[B, *S]``; see
+    :func:`dflow_fast._reference.coupled_adjoint`."""
+    from .reversible import coupled_adjoint as impl
+    return impl(a_z, b, w, lam, h)

@@ -16,6 +16,8 @@ import torch
 
 import dflow_fast
 from dflow_fast import _reference as ref
+from dflow_fast import backends
+from dflow_fast.solvers import REVERSIBLE
 
 from _helpers import make_velocity, rel_err
 
@@ -132,6 +134,97 @@ def test_elementwise_empty():
     x = torch.empty(0, 3)
     assert ops.axpy(x, x, 1.0).shape == (0, 3)
     assert ops.adjoint_midpoint(x, x, x).shape == (0, 3)
+
+
+# ---- reversible solvers' state updates ---------------------------------------------------------
+
+def _heun_step_native(y, yhat, f, fnext, h, hnext):
+    y1 = y + (0.5 * h) * (f + fnext)
+    return y1, 2 * y1 - yhat + hnext * fnext
+
+
+def _heun_adjoint_native(a_y, a_yhat, w, h, hnext):
+    c = a_yhat + w
+    ay1 = a_y + 2 * c
+    return ay1, -c, (0.5 * h) * a_y + h * c + (0.5 * hnext) * ay1
+
+
+#: op name -> (number of tensor inputs, scalar arguments, the twin's formula in plain torch ops at
+#: the inputs' own precision: the fp16/bf16 yardstick of `check`). The scalars are steps and
+#: couplings as the solvers pass them (negative steps: the inverse sweep).
+REVERSIBLE_OPS = {
+    "heun_predict": (3, (-0.37,), lambda y, yh, f, h: 2 * y - yh + h * f),
+    "heun_step": (4, (0.37, -0.21), _heun_step_native),
+    "heun_adjoint": (3, (0.37, 0.21), _heun_adjoint_native),
+    "coupled_forward": (3, (0.7, 0.37),
+                        lambda y, z, v, lam, h: lam * y + (1 - lam) * z + h * v),
+    "coupled_inverse": (3, (0.7, -0.37),
+                        lambda y1, z, v, lam, h: (y1 - (1 - lam) * z - h * v) / lam),
+    "coupled_adjoint": (3, (0.9, 0.37),
+                        lambda a_z, b, w, lam, h: (lam * b, a_z + (1 - lam) * b + h * w)),
+}
+
+
+def as_tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+def check_reversible_op(name, op, tensors):
+    """op(*tensors, *scalars) (a compiled op) against the twin in float64, output by output."""
+    _, scalars, native = REVERSIBLE_OPS[name]
+    dtype = tensors[0].dtype
+    outs = as_tuple(op(*tensors, *scalars))
+    want = as_tuple(getattr(ref, name)(*up(*tensors), *scalars))
+    lowp = as_tuple(native(*tensors, *scalars))
+    assert len(outs) == len(want)
+    for out, w, n in zip(outs, want, lowp):
+        assert out.shape == tensors[0].shape and out.dtype == dtype and out.is_contiguous()
+        check(out, w, n, dtype, "elementwise")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op(name, dtype, shape):
+    n_in = REVERSIBLE_OPS[name][0]
+    check_reversible_op(name, getattr(ops, name), [randn(*shape, dtype=dtype)
+                                                   for _ in range(n_in)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op_noncontiguous(name, dtype):
+    views = [randn(6, 9, 4, dtype=dtype).transpose(0, 2),  # [4, 9, 6], transposed
+             randn(4, 18, 6, dtype=dtype)[:, ::2],  # strided
+             randn(4, 1, 6, dtype=dtype).expand(4, 9, 6),  # stride 0
+             randn(4, 9, 6, dtype=dtype)]  # contiguous, next to the others
+    assert not any(v.is_contiguous() for v in views[:3])
+    n_in = REVERSIBLE_OPS[name][0]
+    check_reversible_op(name, getattr(ops, name), views[:n_in])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_id)
+def test_reversible_ops_invert_each_other(dtype):
+    """A step forward, then the same ops with negated steps, rebuild the start to rounding: the
+    inverse sweep's contract (see test_reversible.py for the twins)."""
+    y, yh, f, fn, z, v = (randn(5, 333, dtype=dtype) for _ in range(6))
+    h, lam = 0.3, 0.7
+    tol = TOL["elementwise"][dtype] * 10
+    yh1 = ops.heun_predict(y, yh, f, h)
+    y1, _ = ops.heun_step(y, yh1, f, fn, h, 0.0)
+    assert rel_err(ops.heun_predict(y1, yh1, fn, -h), yh) <= tol
+    assert rel_err(ops.heun_step(y1, yh, fn, f, -h, 0.0)[0], y) <= tol
+    assert rel_err(ops.coupled_inverse(ops.coupled_forward(y, z, v, lam, h), z, v, lam, h),
+                   y) <= tol
+
+
+def test_reversible_ops_empty():
+    x = torch.empty(0, 3)
+    assert ops.heun_predict(x, x, x, 0.1).shape == (0, 3)
+    assert [t.shape for t in ops.heun_step(x, x, x, x, 0.1, 0.2)] == [(0, 3)] * 2
+    assert [t.shape for t in ops.heun_adjoint(x, x, x, 0.1, 0.2)] == [(0, 3)] * 3
+    assert ops.coupled_inverse(x, x, x, 0.5, 0.1).shape == (0, 3)
+    assert [t.shape for t in ops.coupled_adjoint(x, x, x, 0.5, 0.1)] == [(0, 3)] * 2
 
 
 # ---- chi_prior ---------------------------------------------------------------------------------
@@ -251,6 +344,19 @@ def test_bad_input_messages():
         ops.lbfgs_direction(g, S[:, :, :4], Y, rho, gamma)
     with pytest.raises(RuntimeError, match=r"lbfgs_direction: gamma must have g's dtype"):
         ops.lbfgs_direction(g, S, Y, rho, gamma.float())
+    with pytest.raises(RuntimeError, match=r"heun_step: fnext must have the shape, dtype and "
+                                           r"device of y; y is \[2, 3\] float32 on cpu, fnext is "
+                                           r"\[3, 2\] float32"):
+        ops.heun_step(x, x, x, x.t(), 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"heun_adjoint: w .* float16"):
+        ops.heun_adjoint(x, x, x.half(), 0.1, 0.2)
+    with pytest.raises(RuntimeError, match=r"coupled_adjoint: a_z must be float32, float64, "
+                                           r"float16 or bfloat16"):
+        ops.coupled_adjoint(x.long(), x.long(), x.long(), 0.5, 0.1)
+    with pytest.raises(RuntimeError, match=r"coupled_inverse: lam must be nonzero"):
+        ops.coupled_inverse(x, x, x, 0.0, 0.1)
+    with pytest.raises(RuntimeError, match=r"coupled_forward: v must have the shape"):
+        ops.coupled_forward(x, x, x[:1], 0.5, 0.1)
 
 
 # ---- torch.library integration: opcheck, autograd, torch.compile -------------------------------
@@ -267,7 +373,19 @@ def _opcheck_samples(dtype):
         (ops.chi_prior.default, (randn(4, 9, dtype=dtype), 0.1)),
         (ops.chi_prior.default, (randn(4, 9, dtype=dtype).requires_grad_(), 0.1)),
         (ops.lbfgs_direction.default, tuple(lbfgs_inputs(2, 3, 9, empty=1, dtype=dtype))),
-    ]
+    ] + _reversible_opcheck_samples(dtype)
+
+
+def _reversible_opcheck_samples(dtype):
+    """Each reversible op plain, with every input requiring grad, and on a non-contiguous view."""
+    out = []
+    for name, (n_in, scalars, _) in REVERSIBLE_OPS.items():
+        op = getattr(ops, name).default
+        ts = [randn(3, 2, 5, dtype=dtype) for _ in range(n_in)]
+        out.append((op, (*ts, *scalars)))
+        out.append((op, (*[t.clone().requires_grad_() for t in ts], *scalars)))
+        out.append((op, (ts[0].transpose(1, 2).contiguous().transpose(1, 2), *ts[1:], *scalars)))
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_id)
@@ -284,6 +402,53 @@ def test_gradcheck():
     xc = randn(3, 6, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda a: ops.chi_prior(a, 0.3), (xc,))
     assert torch.autograd.gradgradcheck(lambda a: ops.chi_prior(a, 0.3), (xc,))
+
+
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op_gradcheck(name):
+    n_in, scalars, _ = REVERSIBLE_OPS[name]
+    ts = [randn(2, 3, dtype=torch.float64).requires_grad_() for _ in range(n_in)]
+    fn = lambda *a: getattr(ops, name)(*a, *scalars)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, ts)
+    assert torch.autograd.gradgradcheck(fn, ts)
+
+
+@pytest.mark.parametrize("used", ["all", "first", "last"])
+@pytest.mark.parametrize("name", [n for n in REVERSIBLE_OPS if n in ("heun_step", "heun_adjoint",
+                                                                      "coupled_adjoint")])
+def test_reversible_op_backward_matches_reference(name, used):
+    """Multi-output ops: the backward sums every used output's cotangent; an unused output (its
+    cotangent None, like heun_step's prediction at the last step) contributes nothing."""
+    n_in, scalars, _ = REVERSIBLE_OPS[name]
+    xs = [randn(4, 7, dtype=torch.float64) for _ in range(n_in)]
+    grads = []
+    for fn in (getattr(ops, name), getattr(ref, name)):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        outs = fn(*leaves, *scalars)
+        keep = {"all": outs, "first": outs[:1], "last": outs[-1:]}[used]
+        torch.manual_seed(7)  # the same cotangents for both
+        torch.autograd.backward(keep, [torch.randn_like(o) for o in keep])
+        grads.append([leaf.grad for leaf in leaves])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)  # an input no used output depends on gets no gradient
+        if b is not None:
+            assert rel_err(a, b) <= 1e-15
+
+
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op_backward_low_precision(name):
+    """bf16 cotangents: the backward combines them in fp32 and rounds once."""
+    n_in, scalars, _ = REVERSIBLE_OPS[name]
+    xs = [randn(3, 50, dtype=torch.bfloat16).requires_grad_() for _ in range(n_in)]
+    outs = as_tuple(getattr(ops, name)(*xs, *scalars))
+    cots = [randn(3, 50, dtype=torch.bfloat16) for _ in outs]
+    torch.autograd.backward(outs, cots)
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    torch.autograd.backward(as_tuple(getattr(ref, name)(*x64, *scalars)),
+                            [c.double() for c in cots])
+    for x, w in zip(xs, x64):
+        assert x.grad.dtype == torch.bfloat16
+        assert rel_err(x.grad, w.grad) <= 2 ** -8  # one bf16 rounding: half an ulp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
@@ -356,6 +521,11 @@ def test_pybind_functions_match_torch_ops():
         assert torch.equal(a, b)
     args = lbfgs_inputs(2, 3, 7, dtype=torch.float32)
     assert torch.equal(_C.lbfgs_direction(*args), ops.lbfgs_direction(*args))
+    for name, (n_in, scalars, _) in REVERSIBLE_OPS.items():
+        ts = [randn(4, 7) for _ in range(n_in)]
+        for a, b in zip(as_tuple(getattr(_C, name)(*ts, *scalars)),
+                        as_tuple(getattr(ops, name)(*ts, *scalars))):
+            assert torch.equal(a, b), name
 
 
 def test_build_info_reports_cpp():
@@ -415,3 +585,28 @@ def test_optimize_matches_torch():
     assert int(a.nit.min()) >= 2  # the two-loop recursion ran with a history
     assert rel_err(a.x0, b.x0) <= 1e-10
     assert rel_err(a.loss, b.loss) <= 1e-10
+
+
+@pytest.mark.parametrize("gradient", ["reversible", "backprop", "adjoint"])
+@pytest.mark.parametrize("solver", REVERSIBLE)
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_reversible_solve_gradient_matches_torch(kind, solver, gradient):
+    """The reversible solvers with the cpp kernels for their state updates: x1 and every gradient
+    as with backend="torch" (the twins)."""
+    u, shape = make_velocity(kind, torch.float64)
+    x0 = randn(3, *shape, dtype=torch.float64)
+    cot = randn(3, *shape, dtype=torch.float64)
+    assert backends.load("cpp").fallbacks == ()
+    res = {}
+    for backend in ("torch", "cpp"):
+        u.zero_grad()
+        x = x0.clone().requires_grad_()
+        x1 = dflow_fast.solve(u, x, steps=4, solver=solver, gradient=gradient, backend=backend,
+                              coupling=None if solver == "reversible_heun" else 0.8)
+        (x1 * cot).sum().backward()
+        res[backend] = (x1.detach(), x.grad, [p.grad.clone() for p in u.parameters()])
+    (x1c, gxc, gpc), (x1t, gxt, gpt) = res["cpp"], res["torch"]
+    assert rel_err(x1c, x1t) <= 1e-12
+    assert rel_err(gxc, gxt) <= 1e-12
+    for a, b in zip(gpc, gpt):
+        assert b.norm() > 0 and rel_err(a, b) <= 1e-12

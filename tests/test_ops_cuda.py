@@ -18,8 +18,8 @@ from dflow_fast import _ext  # noqa: E402
 from dflow_fast import _reference as ref  # noqa: E402
 
 from _helpers import make_velocity, rel_err  # noqa: E402
-from test_ops_cpp import (CHI_SHAPES, DTYPES, LBFGS_CASES, SHAPES, _chi_prior_native, _id,  # noqa: E402
-                          check, lbfgs_inputs)
+from test_ops_cpp import (CHI_SHAPES, DTYPES, LBFGS_CASES, REVERSIBLE_OPS, SHAPES,  # noqa: E402
+                          _chi_prior_native, _id, check, check_reversible_op, lbfgs_inputs)
 
 if not _ext.has_cuda():
     pytest.fail("dflow_fast._C was built without CUDA kernels on a CUDA machine: rebuild with "
@@ -58,6 +58,37 @@ def test_elementwise_noncontiguous_and_misaligned(dtype):
           dtype, "elementwise")
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(3, 1 << 20), (5, 12345)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op(name, dtype, shape):
+    n_in = REVERSIBLE_OPS[name][0]
+    check_reversible_op(name, getattr(ops, name), [randn(*shape, dtype=dtype)
+                                                   for _ in range(n_in)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op_noncontiguous_and_misaligned(name, dtype):
+    n = 4 * 9 * 6
+    views = [randn(n + 1, dtype=dtype)[1:].view(4, 9, 6),  # storage offset: unaligned loads
+             randn(6, 9, 4, dtype=dtype).transpose(0, 2),
+             randn(4, 18, 6, dtype=dtype)[:, ::2],
+             randn(4, 9, 6, dtype=dtype)]
+    n_in = REVERSIBLE_OPS[name][0]
+    check_reversible_op(name, getattr(ops, name), views[:n_in])
+    # every input aligned but the last: the kernel must fall back to element-wise access
+    aligned = [randn(4, 9, 6, dtype=dtype) for _ in range(n_in - 1)]
+    check_reversible_op(name, getattr(ops, name), aligned + views[:1])
+
+
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op_gradcheck_cuda(name):
+    n_in, scalars, _ = REVERSIBLE_OPS[name]
+    ts = [randn(2, 3, dtype=torch.float64).requires_grad_() for _ in range(n_in)]
+    assert torch.autograd.gradcheck(lambda *a: getattr(ops, name)(*a, *scalars), ts)
+
+
 @pytest.mark.parametrize("shape", CHI_SHAPES + [(4, 1 << 18)], ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_chi_prior(shape, dtype):
@@ -92,6 +123,23 @@ def test_solve_gradient_cuda_equals_torch(solver):
         assert rel_err(a, b) <= 1e-12
 
 
+@pytest.mark.parametrize("gradient", ["reversible", "backprop"])
+@pytest.mark.parametrize("solver", ["reversible_heun", "reversible_euler", "reversible_midpoint"])
+def test_reversible_solve_gradient_cuda_equals_torch(solver, gradient):
+    velocity, shape = make_velocity("conv", torch.float64)
+    velocity = velocity.to(DEV)
+    x0 = torch.randn(3, *shape, dtype=torch.float64, device=DEV, requires_grad=True)
+    coupling = None if solver == "reversible_heun" else 0.8
+    out = {}
+    for backend in ("torch", "cuda"):
+        x1 = dflow_fast.solve(velocity, x0, steps=4, solver=solver, gradient=gradient,
+                              coupling=coupling, backend=backend)
+        out[backend] = (x1.detach(),) + torch.autograd.grad(x1.pow(2).sum(),
+                                                            [x0, *velocity.parameters()])
+    for a, b in zip(out["cuda"], out["torch"]):
+        assert rel_err(a, b) <= 1e-12
+
+
 def test_opcheck_cuda():
     from torch.library import opcheck
     x, v, w = (randn(3, 5, dtype=torch.float32) for _ in range(3))
@@ -100,3 +148,7 @@ def test_opcheck_cuda():
     opcheck(ops.chi_prior.default, (x, 0.2))
     opcheck(ops.lbfgs_direction.default, [t.to(DEV) for t in lbfgs_inputs(2, 3, 5, 1,
                                                                              torch.float32)])
+    for name, (n_in, scalars, _) in REVERSIBLE_OPS.items():
+        ts = [randn(3, 5, dtype=torch.float32) for _ in range(n_in)]
+        opcheck(getattr(ops, name).default, (*ts, *scalars))
+        opcheck(getattr(ops, name).default, (*[t.requires_grad_() for t in ts], *scalars))

@@ -131,6 +131,65 @@ def test_axpy_float64_step_is_exact():
 
 
 # ---------------------------------------------------------------------------------------------
+# reversible solvers' state updates
+
+#: op name -> (number of tensor inputs, scalar arguments: steps, negated steps of the inverse
+#: sweep, couplings)
+REVERSIBLE_OPS = {
+    "heun_predict": (3, (-0.37,)),
+    "heun_step": (4, (0.37, -0.21)),
+    "heun_adjoint": (3, (0.37, 0.21)),
+    "coupled_forward": (3, (0.7, 0.37)),
+    "coupled_inverse": (3, (0.7, -0.37)),
+    "coupled_adjoint": (3, (0.9, 0.37)),
+}
+
+
+def _check_reversible(name, tensors):
+    scalars = REVERSIBLE_OPS[name][1]
+    inputs = (*tensors, *scalars)
+    out = getattr(kernels, name)(*inputs)
+    assert all(o.is_contiguous() for o in (out if isinstance(out, tuple) else (out,)))
+    assert_close(out, inputs, getattr(ref, name), tensors[0].dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op(name, dtype, shape):
+    n_in = REVERSIBLE_OPS[name][0]
+    _check_reversible(name, [randn(*shape, dtype=dtype) for _ in range(n_in)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op_noncontiguous(name, dtype):
+    views = [noncontiguous(randn(5, 3, 67, dtype=dtype)),
+             randn(5, 67, 3, dtype=dtype).transpose(1, 2),  # transposed
+             randn(5, 1, 67, dtype=dtype).expand(5, 3, 67),  # stride 0
+             randn(5, 3, 67, dtype=dtype)]
+    n_in = REVERSIBLE_OPS[name][0]
+    _check_reversible(name, views[:n_in])
+
+
+def test_reversible_ops_float64_scalars_are_exact():
+    # Steps like 1/3 and couplings like 0.9 are float64 values: the kernels must not round them
+    # to float32 (each scalar travels as three fp32-exact parts).
+    a, b, c, d = (randn(4, 9, dtype=torch.float64) for _ in range(4))
+    h, hn, lam = 1.0 / 3.0, 1.0 / 7.0, 0.9
+    pairs = [(kernels.heun_predict(a, b, c, h), ref.heun_predict(a, b, c, h)),
+             (kernels.heun_step(a, b, c, d, h, hn), ref.heun_step(a, b, c, d, h, hn)),
+             (kernels.heun_adjoint(a, b, c, h, hn), ref.heun_adjoint(a, b, c, h, hn)),
+             (kernels.coupled_forward(a, b, c, lam, h), ref.coupled_forward(a, b, c, lam, h)),
+             (kernels.coupled_inverse(a, b, c, lam, h), ref.coupled_inverse(a, b, c, lam, h)),
+             (kernels.coupled_adjoint(a, b, c, lam, h), ref.coupled_adjoint(a, b, c, lam, h))]
+    for out, want in pairs:
+        for o, w in zip(out if isinstance(out, tuple) else (out,),
+                        want if isinstance(want, tuple) else (want,)):
+            assert rel_err(o, w) <= 1e-15
+
+
+# ---------------------------------------------------------------------------------------------
 # chi prior
 
 CHI_SHAPES = [(1, 1), (1, 7), (3, 1023), (2, 4097)]
@@ -229,6 +288,11 @@ def test_opcheck():
     opcheck(torch.ops.dflow_fast_triton.chi_prior.default, (x.requires_grad_(), 0.3), **kw)
     opcheck(torch.ops.dflow_fast_triton.lbfgs_direction.default, lbfgs_inputs(2, 3, 6, 1, f64),
             **kw)
+    for name, (n_in, scalars) in REVERSIBLE_OPS.items():
+        op = getattr(torch.ops.dflow_fast_triton, name).default
+        ts = [randn(3, 5, dtype=f64) for _ in range(n_in)]
+        opcheck(op, (*ts, *scalars), **kw)
+        opcheck(op, (*[t.requires_grad_() for t in ts], *scalars), **kw)
 
 
 def test_autograd():
@@ -240,6 +304,27 @@ def test_autograd():
     # chi_prior: every output differentiable, like the reference and the C++ op (the grad
     # output's VJP is the prior's Hessian-vector product)
     assert torch.autograd.gradcheck(lambda a: kernels.chi_prior(a, 0.4), (x,))
+
+
+@pytest.mark.parametrize("name", list(REVERSIBLE_OPS))
+def test_reversible_op_autograd(name):
+    """gradcheck, and the backward against autograd through the twin with a cotangent on only the
+    first output (the others None, as for heun_step's unused prediction at the last step)."""
+    n_in, scalars = REVERSIBLE_OPS[name]
+    ts = [randn(2, 3, dtype=torch.float64).requires_grad_() for _ in range(n_in)]
+    assert torch.autograd.gradcheck(lambda *a: getattr(kernels, name)(*a, *scalars), ts)
+    grads = []
+    for fn in (getattr(kernels, name), getattr(ref, name)):
+        leaves = [t.detach().clone().requires_grad_() for t in ts]
+        out = fn(*leaves, *scalars)
+        first = out[0] if isinstance(out, tuple) else out
+        first.backward(torch.linspace(-1, 2, first.numel(), dtype=torch.float64,
+                                      device=DEVICE).reshape(first.shape))
+        grads.append([leaf.grad for leaf in leaves])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert rel_err(a, b) <= 1e-15
 
 
 def test_lbfgs_direction_not_differentiable():
@@ -269,6 +354,16 @@ def test_bad_input():
         kernels.lbfgs_direction(g, S, Y, rho[:, :2], gamma)
     with pytest.raises(ValueError, match="gamma"):
         kernels.lbfgs_direction(g, S, Y, rho, gamma.float())
+    with pytest.raises(ValueError, match="heun_step: fnext must match y in shape"):
+        kernels.heun_step(x, x, x, randn(5, 2, dtype=f32), 0.1, 0.2)
+    with pytest.raises(ValueError, match="coupled_adjoint: w must match a_z .*float64"):
+        kernels.coupled_adjoint(x, x, x.double(), 0.5, 0.1)
+    with pytest.raises(TypeError, match="heun_adjoint: hnext must be a real number"):
+        kernels.heun_adjoint(x, x, x, 0.1, torch.tensor(0.2))
+    with pytest.raises(ValueError, match="coupled_forward: lam must be finite"):
+        kernels.coupled_forward(x, x, x, float("nan"), 0.1)
+    with pytest.raises(ValueError, match="coupled_inverse: lam must be nonzero"):
+        kernels.coupled_inverse(x, x, x, 0.0, 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +372,9 @@ def test_bad_input():
 def test_backend_loads():
     ops = backends.load("triton")
     assert ops.name == "triton" and ops.lbfgs_direction is kernels.lbfgs_direction
+    assert ops.fallbacks == ()
+    for name in backends.REVERSIBLE_OP_NAMES:
+        assert getattr(ops, name) is getattr(kernels, name)
     assert backends.resolve("triton", DEVICE).name == "triton"
 
 
@@ -317,3 +415,24 @@ def test_optimize_matches_torch():
     assert int(a.nit.min()) >= 2  # the two-loop recursion ran with a history
     assert rel_err(a.x0, b.x0) <= 1e-10
     assert rel_err(a.loss, b.loss) <= 1e-10
+
+
+@pytest.mark.parametrize("gradient", ["reversible", "backprop"])
+@pytest.mark.parametrize("solver", ["reversible_heun", "reversible_euler", "reversible_midpoint"])
+def test_reversible_solve_gradient_matches_torch(solver, gradient):
+    """The reversible solvers with the Triton kernels for their state updates: x1 and the
+    gradient as with backend="torch" (the twins)."""
+    u, shape = make_velocity("conv", torch.float64)
+    u = u.to(DEVICE)
+    x0 = randn(2, *shape, dtype=torch.float64)
+    cot = randn(2, *shape, dtype=torch.float64)
+    res = {}
+    for backend in ("torch", "triton"):
+        x = x0.clone().requires_grad_()
+        x1 = dflow_fast.solve(u, x, steps=3, solver=solver, gradient=gradient, params=[],
+                              backend=backend,
+                              coupling=None if solver == "reversible_heun" else 0.8)
+        gx, = torch.autograd.grad(x1, x, cot)
+        res[backend] = (x1.detach(), gx)
+    assert rel_err(res["triton"][0], res["torch"][0]) <= 1e-12
+    assert rel_err(res["triton"][1], res["torch"][1]) <= 1e-12

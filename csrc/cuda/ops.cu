@@ -2,8 +2,10 @@
 // fp16/bf16 computed in fp32 (at::opmath_type). Every launch goes on the current stream of the
 // inputs' device (so the ops are CUDA-graph capturable) and is checked right after.
 //
-//   axpy, adjoint_euler, adjoint_midpoint: one grid-stride elementwise kernel; 16-byte packed
-//       loads/stores when every pointer is 16-byte aligned, a scalar loop for the < 16-byte tail.
+//   axpy, adjoint_euler, adjoint_midpoint and the reversible solvers' updates (heun_predict,
+//       heun_step, heun_adjoint, coupled_forward, coupled_inverse, coupled_adjoint): one
+//       grid-stride elementwise kernel with 1-3 outputs; 16-byte packed loads/stores when every
+//       pointer is 16-byte aligned, a scalar loop for the < 16-byte tail.
 //   chi_prior: one block per row; a block reduction of the squared norm, then the gradient pass.
 //   lbfgs_direction: one block per sample running the two-loop recursion; q/r live in global
 //       memory (an fp32 workspace for fp16/bf16, the output itself otherwise), each thread owning
@@ -112,11 +114,17 @@ struct Inputs {
   const scalar_t* p[NIn];
 };
 
-// out[i] = f({in[0][i], ...}) in opmath. VEC > 1: elements [0, n / VEC * VEC) move as 16-byte
-// packs (every pointer 16-byte aligned, checked on the host), the rest (< VEC) one by one.
-template <typename scalar_t, int VEC, int NIn, typename F>
+template <typename scalar_t, int NOut>
+struct Outputs {
+  scalar_t* p[NOut];
+};
+
+// f(a, o): o = {out[0][i], ...} from a = {in[0][i], ...}, all in opmath. VEC > 1: elements
+// [0, n / VEC * VEC) move as 16-byte packs (every pointer 16-byte aligned, checked on the host),
+// the rest (< VEC) one by one.
+template <typename scalar_t, int VEC, int NIn, int NOut, typename F>
 __global__ void __launch_bounds__(kThreads)
-    elementwise_kernel(scalar_t* out, Inputs<scalar_t, NIn> in, int64_t n, F f) {
+    elementwise_kernel(Outputs<scalar_t, NOut> out, Inputs<scalar_t, NIn> in, int64_t n, F f) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, VEC>;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -126,61 +134,132 @@ __global__ void __launch_bounds__(kThreads)
     P pk[NIn];
 #pragma unroll
     for (int k = 0; k < NIn; ++k) pk[k] = reinterpret_cast<const P*>(in.p[k])[i];
-    P o;
+    P po[NOut];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      acc_t a[NIn];
+      acc_t a[NIn], o[NOut];
 #pragma unroll
       for (int k = 0; k < NIn; ++k) a[k] = static_cast<acc_t>(pk[k].v[j]);
-      o.v[j] = static_cast<scalar_t>(f(a));
+      f(a, o);
+#pragma unroll
+      for (int k = 0; k < NOut; ++k) po[k].v[j] = static_cast<scalar_t>(o[k]);
     }
-    reinterpret_cast<P*>(out)[i] = o;
+#pragma unroll
+    for (int k = 0; k < NOut; ++k) reinterpret_cast<P*>(out.p[k])[i] = po[k];
   }
   for (int64_t i = nvec * VEC + tid; i < n; i += stride) {
-    acc_t a[NIn];
+    acc_t a[NIn], o[NOut];
 #pragma unroll
     for (int k = 0; k < NIn; ++k) a[k] = static_cast<acc_t>(in.p[k][i]);
-    out[i] = static_cast<scalar_t>(f(a));
+    f(a, o);
+#pragma unroll
+    for (int k = 0; k < NOut; ++k) out.p[k][i] = static_cast<scalar_t>(o[k]);
   }
 }
 
 template <typename acc_t>
 struct AxpyOp {
   acc_t h;
-  __device__ acc_t operator()(const acc_t (&a)[2]) const { return a[0] + h * a[1]; }
+  __device__ void operator()(const acc_t (&a)[2], acc_t (&o)[1]) const { o[0] = a[0] + h * a[1]; }
 };
 
 template <typename acc_t>
 struct Add2Op {
-  __device__ acc_t operator()(const acc_t (&a)[2]) const { return a[0] + a[1]; }
+  __device__ void operator()(const acc_t (&a)[2], acc_t (&o)[1]) const { o[0] = a[0] + a[1]; }
 };
 
 template <typename acc_t>
 struct Add3Op {  // (a + w2) + w1: the reference's association
-  __device__ acc_t operator()(const acc_t (&a)[3]) const { return (a[0] + a[1]) + a[2]; }
+  __device__ void operator()(const acc_t (&a)[3], acc_t (&o)[1]) const {
+    o[0] = (a[0] + a[1]) + a[2];
+  }
 };
 
-// Launches elementwise_kernel over contiguous `ins` (all like `out`) on the current stream.
-template <typename scalar_t, int NIn, typename F>
-void launch_elementwise(const at::Tensor& out, const std::array<at::Tensor, NIn>& ins, F f) {
-  const int64_t n = out.numel();
+// Reversible solvers' updates, each with its twin's association (dflow_fast/_reference.py). The
+// scalar coefficients are formed in double on the host and rounded once to opmath.
+
+template <typename acc_t>
+struct HeunPredictOp {  // (y, yhat, f) -> 2 y - yhat + h f
+  acc_t h;
+  __device__ void operator()(const acc_t (&a)[3], acc_t (&o)[1]) const {
+    o[0] = (acc_t(2) * a[0] - a[1]) + h * a[2];
+  }
+};
+
+template <typename acc_t>
+struct HeunStepOp {  // (y, yhat, f, fnext) -> (y', 2 y' - yhat + hnext fnext), y' kept in opmath
+  acc_t half_h, hnext;
+  __device__ void operator()(const acc_t (&a)[4], acc_t (&o)[2]) const {
+    const acc_t y1 = a[0] + half_h * (a[2] + a[3]);
+    o[0] = y1;
+    o[1] = (acc_t(2) * y1 - a[1]) + hnext * a[3];
+  }
+};
+
+template <typename acc_t>
+struct HeunAdjointOp {  // c = a_yhat + w: (a_y + 2c, -c, (h/2) a_y + h c + (hnext/2)(a_y + 2c))
+  acc_t half_h, h, half_hnext;
+  __device__ void operator()(const acc_t (&a)[3], acc_t (&o)[3]) const {
+    const acc_t c = a[1] + a[2];
+    const acc_t ay1 = a[0] + acc_t(2) * c;
+    o[0] = ay1;
+    o[1] = -c;
+    o[2] = (half_h * a[0] + h * c) + half_hnext * ay1;
+  }
+};
+
+template <typename acc_t>
+struct CoupledForwardOp {  // (y, z, v) -> lam y + (1 - lam) z + h v
+  acc_t lam, one_minus_lam, h;
+  __device__ void operator()(const acc_t (&a)[3], acc_t (&o)[1]) const {
+    o[0] = (lam * a[0] + one_minus_lam * a[1]) + h * a[2];
+  }
+};
+
+template <typename acc_t>
+struct CoupledInverseOp {  // (y1, z, v) -> (y1 - (1 - lam) z - h v) / lam: a true division
+  acc_t lam, one_minus_lam, h;
+  __device__ void operator()(const acc_t (&a)[3], acc_t (&o)[1]) const {
+    o[0] = ((a[0] - one_minus_lam * a[1]) - h * a[2]) / lam;
+  }
+};
+
+template <typename acc_t>
+struct CoupledAdjointOp {  // (a_z, b, w) -> (lam b, a_z + (1 - lam) b + h w)
+  acc_t lam, one_minus_lam, h;
+  __device__ void operator()(const acc_t (&a)[3], acc_t (&o)[2]) const {
+    o[0] = lam * a[1];
+    o[1] = (a[0] + one_minus_lam * a[1]) + h * a[2];
+  }
+};
+
+// Launches elementwise_kernel over contiguous `ins` and `outs` (all of one shape) on the current
+// stream.
+template <typename scalar_t, int NIn, int NOut, typename F>
+void launch_elementwise(const std::array<at::Tensor, NOut>& outs,
+                        const std::array<at::Tensor, NIn>& ins, F f) {
+  const int64_t n = outs[0].numel();
   if (n == 0) return;
   constexpr int VEC = kVec<scalar_t>;
   Inputs<scalar_t, NIn> in;
-  bool aligned = aligned16(out.const_data_ptr());
+  Outputs<scalar_t, NOut> out;
+  bool aligned = true;
   for (int k = 0; k < NIn; ++k) {
     in.p[k] = ins[k].template const_data_ptr<scalar_t>();
     aligned = aligned && aligned16(in.p[k]);
   }
-  const c10::DeviceIndex dev = out.device().index();
+  for (int k = 0; k < NOut; ++k) {
+    out.p[k] = outs[k].template mutable_data_ptr<scalar_t>();
+    aligned = aligned && aligned16(out.p[k]);
+  }
+  const c10::DeviceIndex dev = outs[0].device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev);
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
   if (aligned && n >= VEC) {
-    elementwise_kernel<scalar_t, VEC, NIn, F>
-        <<<grid_for(n / VEC, kThreads, dev), kThreads, 0, stream>>>(o, in, n, f);
+    elementwise_kernel<scalar_t, VEC, NIn, NOut, F>
+        <<<grid_for(n / VEC, kThreads, dev), kThreads, 0, stream>>>(out, in, n, f);
   } else {  // a view at an odd offset: same kernel, one element at a time
-    elementwise_kernel<scalar_t, 1, NIn, F>
-        <<<grid_for(n, kThreads, dev), kThreads, 0, stream>>>(o, in, n, f);
+    elementwise_kernel<scalar_t, 1, NIn, NOut, F>
+        <<<grid_for(n, kThreads, dev), kThreads, 0, stream>>>(out, in, n, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -327,7 +406,7 @@ at::Tensor axpy_cuda(const at::Tensor& x_, const at::Tensor& v_, double h) {
   at::Tensor out = at::empty(x.sizes(), x.options());
   DFLOW_FAST_DISPATCH(x.scalar_type(), "dflow_fast::axpy", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_elementwise<scalar_t, 2>(out, {x, v}, AxpyOp<acc_t>{static_cast<acc_t>(h)});
+    launch_elementwise<scalar_t, 2, 1>({out}, {x, v}, AxpyOp<acc_t>{static_cast<acc_t>(h)});
   });
   return out;
 }
@@ -338,7 +417,7 @@ at::Tensor adjoint_euler_cuda(const at::Tensor& a_, const at::Tensor& w_) {
   const at::Tensor a = a_.contiguous(), w = w_.contiguous();
   at::Tensor out = at::empty(a.sizes(), a.options());
   DFLOW_FAST_DISPATCH(a.scalar_type(), "dflow_fast::adjoint_euler", [&] {
-    launch_elementwise<scalar_t, 2>(out, {a, w}, Add2Op<at::opmath_type<scalar_t>>{});
+    launch_elementwise<scalar_t, 2, 1>({out}, {a, w}, Add2Op<at::opmath_type<scalar_t>>{});
   });
   return out;
 }
@@ -350,9 +429,111 @@ at::Tensor adjoint_midpoint_cuda(const at::Tensor& a_, const at::Tensor& w2_,
   const at::Tensor a = a_.contiguous(), w2 = w2_.contiguous(), w1 = w1_.contiguous();
   at::Tensor out = at::empty(a.sizes(), a.options());
   DFLOW_FAST_DISPATCH(a.scalar_type(), "dflow_fast::adjoint_midpoint", [&] {
-    launch_elementwise<scalar_t, 3>(out, {a, w2, w1}, Add3Op<at::opmath_type<scalar_t>>{});
+    launch_elementwise<scalar_t, 3, 1>({out}, {a, w2, w1}, Add3Op<at::opmath_type<scalar_t>>{});
   });
   return out;
+}
+
+at::Tensor heun_predict_cuda(const at::Tensor& y_, const at::Tensor& yhat_, const at::Tensor& f_,
+                             double h) {
+  check_elementwise("heun_predict", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}});
+  const c10::cuda::CUDAGuard guard(y_.device());
+  const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous();
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::heun_predict", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_elementwise<scalar_t, 3, 1>({out}, {y, yhat, f},
+                                       HeunPredictOp<acc_t>{static_cast<acc_t>(h)});
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> heun_step_cuda(const at::Tensor& y_, const at::Tensor& yhat_,
+                                                  const at::Tensor& f_, const at::Tensor& fnext_,
+                                                  double h, double hnext) {
+  check_elementwise("heun_step", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}, {"fnext", &fnext_}});
+  const c10::cuda::CUDAGuard guard(y_.device());
+  const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous(),
+                   fnext = fnext_.contiguous();
+  at::Tensor y1 = at::empty(y.sizes(), y.options()), yhat2 = at::empty(y.sizes(), y.options());
+  DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::heun_step", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_elementwise<scalar_t, 4, 2>(
+        {y1, yhat2}, {y, yhat, f, fnext},
+        HeunStepOp<acc_t>{static_cast<acc_t>(0.5 * h), static_cast<acc_t>(hnext)});
+  });
+  return {y1, yhat2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> heun_adjoint_cuda(const at::Tensor& a_y_,
+                                                                 const at::Tensor& a_yhat_,
+                                                                 const at::Tensor& w_, double h,
+                                                                 double hnext) {
+  check_elementwise("heun_adjoint", {{"a_y", &a_y_}, {"a_yhat", &a_yhat_}, {"w", &w_}});
+  const c10::cuda::CUDAGuard guard(a_y_.device());
+  const at::Tensor a_y = a_y_.contiguous(), a_yhat = a_yhat_.contiguous(), w = w_.contiguous();
+  const auto opts = a_y.options();
+  at::Tensor o_y = at::empty(a_y.sizes(), opts), o_yhat = at::empty(a_y.sizes(), opts),
+             o_g = at::empty(a_y.sizes(), opts);
+  DFLOW_FAST_DISPATCH(a_y.scalar_type(), "dflow_fast::heun_adjoint", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_elementwise<scalar_t, 3, 3>(
+        {o_y, o_yhat, o_g}, {a_y, a_yhat, w},
+        HeunAdjointOp<acc_t>{static_cast<acc_t>(0.5 * h), static_cast<acc_t>(h),
+                             static_cast<acc_t>(0.5 * hnext)});
+  });
+  return {o_y, o_yhat, o_g};
+}
+
+at::Tensor coupled_forward_cuda(const at::Tensor& y_, const at::Tensor& z_, const at::Tensor& v_,
+                                double lam, double h) {
+  check_elementwise("coupled_forward", {{"y", &y_}, {"z", &z_}, {"v", &v_}});
+  const c10::cuda::CUDAGuard guard(y_.device());
+  const at::Tensor y = y_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::coupled_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_elementwise<scalar_t, 3, 1>(
+        {out}, {y, z, v},
+        CoupledForwardOp<acc_t>{static_cast<acc_t>(lam), static_cast<acc_t>(1.0 - lam),
+                                static_cast<acc_t>(h)});
+  });
+  return out;
+}
+
+at::Tensor coupled_inverse_cuda(const at::Tensor& y1_, const at::Tensor& z_, const at::Tensor& v_,
+                                double lam, double h) {
+  check_elementwise("coupled_inverse", {{"y1", &y1_}, {"z", &z_}, {"v", &v_}});
+  check_coupled_inverse_lam(lam);
+  const c10::cuda::CUDAGuard guard(y1_.device());
+  const at::Tensor y1 = y1_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
+  at::Tensor out = at::empty(y1.sizes(), y1.options());
+  DFLOW_FAST_DISPATCH(y1.scalar_type(), "dflow_fast::coupled_inverse", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_elementwise<scalar_t, 3, 1>(
+        {out}, {y1, z, v},
+        CoupledInverseOp<acc_t>{static_cast<acc_t>(lam), static_cast<acc_t>(1.0 - lam),
+                                static_cast<acc_t>(h)});
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> coupled_adjoint_cuda(const at::Tensor& a_z_,
+                                                        const at::Tensor& b_, const at::Tensor& w_,
+                                                        double lam, double h) {
+  check_elementwise("coupled_adjoint", {{"a_z", &a_z_}, {"b", &b_}, {"w", &w_}});
+  const c10::cuda::CUDAGuard guard(a_z_.device());
+  const at::Tensor a_z = a_z_.contiguous(), b = b_.contiguous(), w = w_.contiguous();
+  at::Tensor o_y = at::empty(a_z.sizes(), a_z.options()),
+             o_z = at::empty(a_z.sizes(), a_z.options());
+  DFLOW_FAST_DISPATCH(a_z.scalar_type(), "dflow_fast::coupled_adjoint", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_elementwise<scalar_t, 3, 2>(
+        {o_y, o_z}, {a_z, b, w},
+        CoupledAdjointOp<acc_t>{static_cast<acc_t>(lam), static_cast<acc_t>(1.0 - lam),
+                                static_cast<acc_t>(h)});
+  });
+  return {o_y, o_z};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chi_prior_cuda(const at::Tensor& x_,
@@ -449,4 +630,10 @@ TORCH_LIBRARY_IMPL(dflow_fast, CUDA, m) {
   m.impl("adjoint_midpoint", &dflow_fast::adjoint_midpoint_cuda);
   m.impl("chi_prior", &dflow_fast::chi_prior_cuda);
   m.impl("lbfgs_direction", &dflow_fast::lbfgs_direction_cuda);
+  m.impl("heun_predict", &dflow_fast::heun_predict_cuda);
+  m.impl("heun_step", &dflow_fast::heun_step_cuda);
+  m.impl("heun_adjoint", &dflow_fast::heun_adjoint_cuda);
+  m.impl("coupled_forward", &dflow_fast::coupled_forward_cuda);
+  m.impl("coupled_inverse", &dflow_fast::coupled_inverse_cuda);
+  m.impl("coupled_adjoint", &dflow_fast::coupled_adjoint_cuda);
 }
