@@ -8,6 +8,8 @@ this module, unless ``DFLOW_FAST_NO_EXT=1`` says the installation is pure Python
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -325,6 +327,18 @@ def test_results_do_not_depend_on_thread_count():
 
 
 # ---- input checks ------------------------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("readelf") is None,
+                    reason="reads the ELF dynamic section with readelf (Linux)")
+def test_extension_links_the_shared_cpp_runtime():
+    """dflow_fast._C must take libstdc++ from the shared library the process already has: a static
+    copy (a toolchain default seen on a GPU machine) crashed on the first TORCH_CHECK message."""
+    from dflow_fast import _C
+    out = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
+
 
 def test_bad_input_messages():
     x = torch.randn(2, 3)
