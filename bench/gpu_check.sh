@@ -9,10 +9,11 @@
 #   parity     the parity suites of the cuda and triton backends (fp32/fp16/bf16/fp64), the cpp and
 #              solve suites, and the reversible/auto suites, on the GPU
 #   kernels    kernel microbenchmarks (bandwidth vs a copy, speedup vs eager PyTorch)
-#   gradient   one gradient through the 35M-parameter 64x64 U-Net: every mode and backend
-#   budget     gradient="auto" across memory budgets, reversible vs adjoint vs backprop across steps
+#   gradient   one gradient through the 35M-parameter 64x64 U-Net: every mode and backend of
+#              dflow_fast (backprop, adjoint per backend, auto, reversible) against the reference,
+#              torchdiffeq, flow_matching and torch.utils.checkpoint (bench_peers.py)
+#   budget     gradient="auto" across memory budgets (bench_budget.py)
 #   drift      reversible reconstruction drift in fp32/bf16 on CUDA
-#   peers      torchdiffeq, flow_matching, torch.utils.checkpoint against dflow_fast
 #   e2e        D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)
 #   suite      the pytest-benchmark suite's gpu cases
 #
@@ -20,13 +21,15 @@
 # (the device tool) everything is packed into $OUT/gpu_results.tgz and the built extension is
 # copied to $OUT so that a later call can carry it (DFLOW_FAST_PREBUILT=1). Offline extras:
 # PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching), DFLOW_FAST_FASHION_MNIST_DIR=data.
+# Extra arguments per stage: GRADIENT_ARGS (and GRADIENT_NAME for the file), BUDGET_ARGS, E2E_ARGS;
+# time limits GRADIENT_LIMIT, E2E_LIMIT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-bench/results/gpu}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity kernels gradient budget drift peers e2e suite)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity kernels gradient budget drift e2e suite)
 status=0
 summary=()
 step() { echo; echo "== $* ($(date +%T))"; }
@@ -69,39 +72,46 @@ build() {
   if [ -n "$OUT" ]; then cp "$so" "$OUT/"; fi
 }
 parity() {
+  set -o pipefail
   $PY -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py tests/test_ops_cpp.py \
       tests/test_solve.py tests/test_reversible.py tests/test_auto.py \
-      -q -p no:cacheprovider --maxfail=10 -rs --junitxml="$RESULTS/parity.xml" 2>&1 | tee "$RESULTS/parity.txt" | tail -30
+      -q -p no:cacheprovider --maxfail=10 -rs --junitxml="$RESULTS/parity.xml" 2>&1 \
+      | tee "$RESULTS/parity.txt" | tail -30
 }
 kernels() {
+  set -o pipefail
   $PY bench/bench_kernels.py --device cuda --out "$RESULTS/kernels_cuda.json" 2>&1 | tail -60
 }
+# One gradient through the 35M-parameter 64x64 U-Net: every mode and backend of dflow_fast and the
+# peers (bench_peers.py presets: batch 1 8 32, steps 5 10 20 40); GRADIENT_ARGS override them.
 gradient() {
-  $PY bench/bench_gradient.py --device cuda --config gpu --steps 5 10 20 40 --batch 1 8 32 \
-      --methods all --out "$RESULTS/gradient_cuda.json" --plot 2>&1 | tail -40
+  set -o pipefail
+  $PY bench/bench_peers.py --device cuda --config gpu --out "$RESULTS/${GRADIENT_NAME:-peers_cuda}.json" \
+      ${GRADIENT_ARGS:-} 2>&1 | tail -60
 }
 budget() {
-  $PY bench/bench_budget.py --device cuda --out "$RESULTS/budget_cuda.json" 2>&1 | tail -40
+  set -o pipefail
+  $PY bench/bench_budget.py --device cuda --out "$RESULTS/budget_cuda.json" ${BUDGET_ARGS:-} 2>&1 | tail -30
 }
 drift() {
-  $PY bench/bench_reversible.py --device cuda --drift-dtypes float32 bfloat16 \
-      --out "$RESULTS/reversible_cuda.json" 2>&1 | tail -40
-}
-peers() {
-  $PY bench/bench_peers.py --device cuda --config gpu --out "$RESULTS/peers_cuda.json" 2>&1 | tail -60
+  set -o pipefail
+  $PY bench/bench_reversible.py --device cuda --sections drift --drift-dtypes float32 bfloat16 \
+      --out "$RESULTS/reversible_cuda.json" 2>&1 | tail -30
 }
 e2e() {
-  $PY bench/bench_e2e.py --device cuda --out "$RESULTS/e2e_cuda.json" 2>&1 | tail -25
+  set -o pipefail
+  $PY bench/bench_e2e.py --device cuda --out "$RESULTS/e2e_cuda.json" ${E2E_ARGS:-} 2>&1 | tail -25
 }
 suite() {
+  set -o pipefail
   $PY -m pytest bench/test_bench_suite.py bench/test_bench_smoke.py -q -p no:cacheprovider -m gpu \
       --benchmark-json="$RESULTS/suite_gpu.json" 2>&1 | tail -15
 }
 
-declare -A LIMIT=([build]=420 [parity]=420 [kernels]=240 [gradient]=420 [budget]=300 [drift]=240
-                  [peers]=420 [e2e]=420 [suite]=300)
+declare -A LIMIT=([build]=420 [parity]=420 [kernels]=240 [gradient]=${GRADIENT_LIMIT:-540}
+                  [budget]=300 [drift]=240 [e2e]=${E2E_LIMIT:-540} [suite]=300)
 export RESULTS PY OUT=${OUT:-}
-export -f build parity kernels gradient budget drift peers e2e suite
+export -f build parity kernels gradient budget drift e2e suite
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s"; exit 2; }
   run_stage "$s" "${LIMIT[$s]}"
