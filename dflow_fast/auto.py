@@ -137,7 +137,8 @@ def measure_graph_bytes(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tenso
             out = reversible.sweep(u, plan, 0, 1, leaf, leaf)
         else:
             out = step(u, plan, 0, leaf)
-    del out, kept  # the step's graph: transient, the size of what one kept step costs anyway
+    del out  # the step's graph: transient, the size of what one kept step costs anyway
+    kept.clear()
     total = sum(sizes.values())
     per_step = total / 2 if plan.solver == "reversible_heun" else total
     return per_step / x0.shape[0]
