@@ -62,9 +62,12 @@ build() {
     echo "using the prebuilt $so"
   else
     rm -f "$so"
-    DFLOW_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py -q build_ext --inplace >"$RESULTS/build.log" 2>&1 \
+    DFLOW_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace >"$RESULTS/build.log" 2>&1 \
       || { tail -40 "$RESULTS/build.log"; echo "BUILD FAILED"; return 1; }
   fi
+  # The C++ runtime must be torch's shared one (csrc/flags.txt says why); show what was linked.
+  echo "NEEDED: $(readelf -d "$so" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
+  readelf -d "$so" | grep -q 'libstdc++' || echo "WARNING: $so has a static copy of libstdc++"
   $PY -c "import json, dflow_fast; print(json.dumps(dflow_fast.build_info(), indent=1))" \
     | tee "$RESULTS/build_info.json"
   $PY -c "import dflow_fast._ext as e, sys; sys.exit(0 if e.has_cuda() else 1)" \
