@@ -100,7 +100,7 @@ def test_gradient_method_cpu(benchmark, method):
 @pytest.mark.parametrize("method", ["adjoint-torch", "torchdiffeq-adjoint",
                                     "torchdiffeq-adjoint-ss"])
 def test_saved_bytes_do_not_grow_with_steps(method):
-    """Adjoints keep their saved bytes flat in steps (plus one state per step where states are
+    """Adjoints keep their saved bytes flat in steps (plus a state or two per step where states are
     stored), and the meter sees everything released by the end: it does not leak the graphs that
     torchdiffeq builds with retain_graph=True."""
     _skip_unavailable(method)
@@ -112,7 +112,7 @@ def test_saved_bytes_do_not_grow_with_steps(method):
                                           solver="midpoint")
         assert meter.live == 0
         peaks[steps] = meter.peak
-    assert peaks[8] - peaks[2] <= 7 * state
+    assert peaks[8] - peaks[2] <= 13 * state  # dflow_fast's midpoint: 2 per step
 
 
 def test_rss_meter_sees_a_large_allocation():

@@ -156,23 +156,37 @@ def scatter(grads: list[Tensor | None], need: Iterable[bool]) -> list[Tensor | N
     return [next(it) if n else None for n in need]
 
 
+def saved_per_step(plan: Plan) -> int:
+    """Tensors of the state's shape the adjoint stores per step: x_k, and for midpoint also its
+    first-stage velocity u(t_k, x_k), which lets the backward hold one evaluation's graph at a
+    time (see solvers.step_vjp) at the price of one more state per step."""
+    return 2 if plan.solver == "midpoint" else 1
+
+
 def forward_states(u: Velocity, plan: Plan, k0: int, k1: int,
                    x: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Steps k0 .. k1-1 from x = x_{k0}; returns ([x_{k0} .. x_{k1-1}], x_{k1})."""
-    states = []
+    """Steps k0 .. k1-1 from x = x_{k0}; returns (saved, x_{k1}): saved = [x_{k0} .. x_{k1-1}]
+    (Euler) or [x_{k0}, v1_{k0}, .., x_{k1-1}, v1_{k1-1}] (midpoint; v1_k = u(t_k, x_k))."""
+    saved = []
     for k in range(k0, k1):
-        states.append(x)
-        x = step(u, plan, k, x)
-    return states, x
+        saved.append(x)
+        v1 = None
+        if plan.solver == "midpoint":
+            v1 = u(plan.t(k), x)
+            saved.append(v1)
+        x = step(u, plan, k, x, v1)
+    return saved, x
 
 
-def adjoint_sweep(u: Velocity, plan: Plan, k0: int, k1: int, states: list[Tensor], a: Tensor,
+def adjoint_sweep(u: Velocity, plan: Plan, k0: int, k1: int, saved: list[Tensor], a: Tensor,
                   params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor | None]]:
-    """Pull the cotangent of x_{k1} back to x_{k0} with the stored states x_{k0} .. x_{k1-1};
+    """Pull the cotangent of x_{k1} back to x_{k0} with what :func:`forward_states` saved;
     returns (cotangent of x_{k0}, gradients of params)."""
     acc: list[Tensor | None] = [None] * len(params)
+    per = saved_per_step(plan)
     for k in reversed(range(k0, k1)):
-        a, gp = step_vjp(u, plan, k, states[k - k0], a, params)
+        i = (k - k0) * per
+        a, gp = step_vjp(u, plan, k, saved[i], a, params, *saved[i + 1:i + per])
         acc = accumulate(acc, gp)
     return a, acc
 
@@ -187,7 +201,8 @@ class _AdjointSolve(torch.autograd.Function):
                 *params: Tensor):
         # autograd.Function.forward runs without a graph
         states, x = forward_states(u, plan, k0, k1, x0)
-        ctx.save_for_backward(*states)  # k1 - k0 states: the only memory that grows with steps
+        # per step x_k (midpoint: and its first-stage velocity): the only memory that grows
+        ctx.save_for_backward(*states)
         ctx.u, ctx.plan, ctx.guard, ctx.params, ctx.k = u, plan, guard, params, (k0, k1)
         return x
 

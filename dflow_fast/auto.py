@@ -49,7 +49,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reversible
 from .adjoint import (_LeafGuard, adjoint_solve, adjoint_sweep, forward_states, needs_grad,
-                      reachable_tensors)
+                      reachable_tensors, saved_per_step)
 from .solvers import Plan, Velocity, step
 
 log = logging.getLogger("dflow_fast")
@@ -151,7 +151,8 @@ def _costs(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tensor, ...]) -> C
     g = plan.memo[key] * x0.shape[0]
     state = x0.numel() * x0.element_size()
     heun = plan.solver == "reversible_heun"
-    return Costs(graph=g, stored=state * (2 if plan.base else 1),
+    per = 2 if plan.base else saved_per_step(plan)  # coupled solvers: the (y, z) pair
+    return Costs(graph=g, stored=state * per,
                  first=g if heun else 0.0, fixed=2 * state if plan.reversible else 0.0)
 
 

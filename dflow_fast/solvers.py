@@ -139,12 +139,14 @@ class Plan:
         return self.times[self.steps + 1 + k]
 
 
-def step(u: Velocity, plan: Plan, k: int, x: Tensor) -> Tensor:
-    """x_{k+1} from x_k. Runs under whatever grad mode the caller set."""
+def step(u: Velocity, plan: Plan, k: int, x: Tensor, v1: Tensor | None = None) -> Tensor:
+    """x_{k+1} from x_k. Runs under whatever grad mode the caller set. Midpoint: ``v1`` is the
+    first stage's velocity u(t_k, x_k) when the caller already has it."""
     h, axpy = plan.h(k), plan.ops.axpy
     if plan.solver == "euler":
         return axpy(x, u(plan.t(k), x), h)
-    v1 = u(plan.t(k), x)
+    if v1 is None:
+        v1 = u(plan.t(k), x)
     xm = axpy(x, v1, 0.5 * h)
     return axpy(x, u(plan.tmid(k), xm), h)
 
@@ -154,31 +156,35 @@ def _vjp(out: Tensor, inputs: tuple[Tensor, ...], cot: Tensor) -> tuple[Tensor |
 
 
 def step_vjp(u: Velocity, plan: Plan, k: int, x: Tensor, a: Tensor,
-             params: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor | None]]:
+             params: tuple[Tensor, ...], v1: Tensor | None = None
+             ) -> tuple[Tensor, list[Tensor | None]]:
     """Pull the cotangent ``a`` of x_{k+1} back to x_k by recomputing step k with grad enabled.
 
     Returns ``(a_prev [B, *S], grads of params)``. Midpoint (DESIGN.md section 2)::
 
         w2 = vjp(t + h/2, xm, h a);  w1 = vjp(t, x, (h/2) w2);  a_prev = a + w2 + w1
 
-    The parameter gradients of both evaluations are returned summed; None where unused.
+    one evaluation's graph at a time: ``v1 = u(t_k, x_k)`` [B, *S], stored by the forward sweep
+    (recomputed without a graph when None), gives xm exactly as the forward built it; the second
+    evaluation's graph is built, pulled back and freed before the first one's is rebuilt, so the
+    peak is one network VJP instead of two. The parameter gradients of both evaluations are
+    returned summed; None where unused.
     """
     h, ops = plan.h(k), plan.ops
+    xd = x.detach()  # x may carry history (an x0 computed from a parameter): not walked into
     with torch.enable_grad():
-        xl = x.detach().requires_grad_(True)
-        v1 = u(plan.t(k), xl)
         if plan.solver == "euler":
-            w, *gp = _vjp(v1, (xl, *params), a * h)
+            xl = xd.requires_grad_(True)
+            w, *gp = _vjp(u(plan.t(k), xl), (xl, *params), a * h)
             return ops.adjoint_euler(a, _zero_if_none(w, a)), gp
-        # The stage state is rebuilt from detached x and v1 so that the second evaluation's
-        # graph starts at xm (x may carry history, e.g. an x0 computed from a parameter, which
-        # the VJP must not walk into); the first evaluation's graph (v1) stays alive for its
-        # own VJP.
-        xm = ops.axpy(x.detach(), v1.detach(), 0.5 * h).requires_grad_(True)
-        v2 = u(plan.tmid(k), xm)
-        w2, *gp2 = _vjp(v2, (xm, *params), a * h)
+        if v1 is None:
+            with torch.no_grad():
+                v1 = u(plan.t(k), xd)
+        xm = ops.axpy(xd, v1.detach(), 0.5 * h).requires_grad_(True)
+        w2, *gp2 = _vjp(u(plan.tmid(k), xm), (xm, *params), a * h)  # frees the graph
         w2 = _zero_if_none(w2, a)
-        w1, *gp1 = _vjp(v1, (xl, *params), w2 * (0.5 * h))
+        xl = xd.detach().requires_grad_(True)
+        w1, *gp1 = _vjp(u(plan.t(k), xl), (xl, *params), w2 * (0.5 * h))
     return (ops.adjoint_midpoint(a, w2, _zero_if_none(w1, a)),
             [_add(p, q) for p, q in zip(gp2, gp1)])
 

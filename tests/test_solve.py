@@ -128,7 +128,9 @@ def saved_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
-def test_adjoint_saves_one_state_per_step(solver):
+def test_adjoint_saves_a_fixed_number_of_states_per_step(solver):
+    """Euler stores x_k; midpoint also its first-stage velocity (so that its backward holds one
+    evaluation's graph at a time)."""
     velocity, shape = make_velocity("conv", torch.float32)
     x0 = torch.randn(4, *shape, requires_grad=True)
 
@@ -139,7 +141,8 @@ def test_adjoint_saves_one_state_per_step(solver):
     state = x0.numel() * x0.element_size()
     adj8, adj16 = run("adjoint", 8), run("adjoint", 16)
     bp8, bp16 = run("backprop", 8), run("backprop", 16)
-    assert adj8 == 8 * state and adj16 == 16 * state
+    per = 2 if solver == "midpoint" else 1
+    assert adj8 == 8 * per * state and adj16 == 16 * per * state
     # backprop keeps every evaluation's activations: many states' worth per step (the conv net
     # is 4x wider than the state and saves several tensors per layer)
     per_step = (bp16 - bp8) / 8
@@ -147,9 +150,9 @@ def test_adjoint_saves_one_state_per_step(solver):
     assert bp8 > 4 * adj8
 
 
-def test_adjoint_backward_holds_one_step_of_activations():
-    """During the backward sweep the live saved activations never exceed one step's graph: each
-    recomputed step is freed before the next, whatever the number of steps."""
+def test_adjoint_backward_holds_one_evaluation_of_activations():
+    """During the backward sweep the live saved activations never exceed one evaluation's graph:
+    each recomputed evaluation is freed before the next, whatever the number of steps."""
     velocity, shape = make_velocity("conv", torch.float32)
     x0 = torch.randn(2, *shape, requires_grad=True)
     live, peak = [0], [0]
@@ -168,8 +171,10 @@ def test_adjoint_backward_holds_one_step_of_activations():
         x1.sum().backward()
     one_step = saved_bytes(lambda: df.solve(velocity, x0, steps=1, gradient="backprop"))
     ten_steps = saved_bytes(lambda: df.solve(velocity, x0, steps=10, gradient="backprop"))
-    assert 0 < peak[0] <= one_step
     assert ten_steps >= 9 * one_step
+    # midpoint: the two evaluations' graphs are pulled back one after the other, never both held
+    # (one step's graph is both of them)
+    assert 0 < peak[0] <= 0.6 * one_step
 
 
 def test_gradient_reaches_parameters_of_wrapped_model():
