@@ -25,8 +25,10 @@ class OptimizeResult:
 
     ``status[i]`` is one of: ``"converged"`` (gradient, step or loss change below tolerance),
     ``"max_iter"``, ``"max_eval"``, ``"nonfinite"`` (cost or gradient turned NaN/inf: the sample
-    kept its last finite iterate), ``"line_search_failed"`` (no decrease found), ``"callback"``.
-    ``success[i]`` is True when the sample ended normally: converged or out of its budget.
+    kept its last finite iterate), ``"line_search_failed"`` (no decrease found), ``"callback"``,
+    ``"target"`` (its loss reached ``stop_loss``).
+    ``success[i]`` is True when the sample ended normally: converged, on target or out of its
+    budget.
     """
 
     x0: Tensor  # [B, *S] optimized source points
@@ -136,7 +138,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
              callback: Optional[Callable[[IterationInfo], Optional[bool]]] = None,
              progress: bool = False, backend: Optional[str] = None,
              coupling: Optional[float] = None,
-             memory_budget: Optional[float] = None) -> OptimizeResult:
+             memory_budget: Optional[float] = None,
+             stop_loss: float | Tensor | None = None) -> OptimizeResult:
     """D-Flow: minimize ``cost(x1(x0)) + regularization(x0)`` over the source points x0.
 
     Every sample is an independent problem with its own optimizer state; samples that stop
@@ -168,6 +171,11 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         backend: who runs the solver's state algebra and the optimizer's batched algebra
             (two-loop recursion, χ_d prior), as in :func:`solve`.
         coupling, memory_budget: as in :func:`solve` (coupled reversible solvers; "auto").
+        stop_loss: a number or a ``[B]`` tensor: a sample stops (status ``"target"``) after the
+            first iteration whose loss (cost + regularization) is at or below its value. For a
+            noisy inverse problem ``||A x1 - y||^2`` with noise sigma on m measurements, the
+            discrepancy principle ``stop_loss = m * sigma**2`` stops before the noise is fitted
+            (``Problem.noise_level``).
 
     Returns:
         :class:`OptimizeResult`.
@@ -191,6 +199,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     for name, tol in (("tolerance_grad", tolerance_grad), ("tolerance_change", tolerance_change)):
         if not (isinstance(tol, (int, float)) and tol >= 0):
             raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
+    targets = _check_stop_loss(stop_loss, x0.shape[0])
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
     plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend, gradient=gradient,
@@ -209,6 +218,10 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     def on_iteration(smp: Samples, X: Tensor, f: Tensor) -> bool:
         nonlocal iteration
         iteration += 1
+        if targets is not None:
+            for i, fi in enumerate(f.tolist()):
+                if smp.status[i] is None and fi <= targets[i]:
+                    smp.stop(i, "target")
         active = [s is None for s in smp.status]
         if bar is not None:
             live = f[torch.isfinite(f)]
@@ -240,13 +253,33 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     status = list(smp.status)
     return OptimizeResult(
         x0=X.reshape(x0.shape), x1=x1, loss=f,
-        success=torch.tensor([s in ("converged", "max_iter", "max_eval") for s in status]),
+        success=torch.tensor([s in ("converged", "target", "max_iter", "max_eval")
+                              for s in status]),
         status=status, nit=torch.tensor(smp.nit), nfev=torch.tensor(smp.nfev), nfe=obj.nfe,
         history=smp.history, wall_time=time.perf_counter() - start,
         peak_memory=torch.cuda.max_memory_allocated(x0.device) if cuda else None,
         velocity_calls=u.calls, message=_summary(status),
         extra={"optimizer": optimizer, "solver": solver, "steps": plan.steps,
                "gradient": gradient})
+
+
+def _check_stop_loss(stop_loss, B: int) -> list[float] | None:
+    """stop_loss as B floats (None: no target)."""
+    if stop_loss is None:
+        return None
+    if isinstance(stop_loss, Tensor):
+        if stop_loss.dim() > 1 or (stop_loss.dim() == 1 and stop_loss.shape[0] != B):
+            raise ValueError(f"stop_loss must be a number or a [B] = [{B}] tensor, got shape "
+                             f"{list(stop_loss.shape)}")
+        values = stop_loss.detach().double().cpu().expand(B).tolist()
+    elif isinstance(stop_loss, (int, float)) and not isinstance(stop_loss, bool):
+        values = [float(stop_loss)] * B
+    else:
+        raise TypeError(f"stop_loss must be a number or a [B] tensor, got "
+                        f"{type(stop_loss).__name__}")
+    if any(math.isnan(v) for v in values):
+        raise ValueError("stop_loss must not be NaN")
+    return values
 
 
 def _adam(obj: _Objective, X: Tensor, *, max_iter: int, lr: float, tolerance_grad: float,

@@ -136,6 +136,15 @@ class Problem:
             return F.cross_entropy(self.classifier(x1), self.y, reduction="none")
         return (self.operator(x1) - self.y).pow(2).flatten(1).sum(1)
 
+    @property
+    def noise_level(self) -> float | None:
+        """The expected cost of the ground truth itself, ``m sigma^2`` with m the entries of one
+        sample's observation (None for ``class``): a cost below it fits the noise. Pass it as
+        ``optimize(..., stop_loss=problem.noise_level)`` (the discrepancy principle)."""
+        if self.operator is None:
+            return None
+        return self.y[0].numel() * self.sigma ** 2
+
     def select(self, rows) -> "Problem":
         """The problem restricted to samples ``rows`` (e.g. one image for a per-image loop)."""
         op = self.operator

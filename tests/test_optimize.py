@@ -43,6 +43,40 @@ def test_each_sample_equals_running_it_alone():
         assert alone.history[0] == pytest.approx(res.history[i], rel=1e-10)
 
 
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_stop_loss_stops_each_sample_at_its_own_target(optimizer):
+    """A reachable target stops its sample at the first iteration at or below it; the others run
+    exactly as without a target."""
+    velocity, cost_for, y, x0 = problem(B=3)
+    kw = dict(steps=4, max_iter=15, optimizer=optimizer)
+    free = df.optimize(velocity, cost_for(y), x0, **kw)
+    hist0 = free.history[0]
+    # sample 0: the loss it reaches after 3 iterations; sample 1: unreachable; sample 2: reached
+    # by the starting point already (stops after its first iteration)
+    target = torch.tensor([hist0[3], -1.0, free.history[2][0] + 1.0], dtype=F64)
+    res = df.optimize(velocity, cost_for(y), x0, stop_loss=target, **kw)
+    assert res.status[0] == "target" and int(res.nit[0]) == 3
+    assert float(res.loss[0]) <= float(target[0])
+    assert res.status[2] == "target" and int(res.nit[2]) == 1
+    assert res.status[1] == free.status[1] and int(res.nit[1]) == int(free.nit[1])
+    assert rel_err(res.x0[1], free.x0[1]) <= 1e-12
+    assert bool(res.success.all())
+    one = df.optimize(velocity, cost_for(y), x0, stop_loss=float(hist0[3]), **kw)  # a number
+    assert one.status[0] == "target"
+
+
+@pytest.mark.parametrize("stop_loss, err, match", [
+    (torch.zeros(4), ValueError, r"\[B\] = \[3\]"),
+    (torch.zeros(3, 1), ValueError, "tensor"),
+    ("low", TypeError, "stop_loss must be a number"),
+    (float("nan"), ValueError, "NaN"),
+])
+def test_bad_stop_loss(stop_loss, err, match):
+    velocity, cost_for, y, x0 = problem(B=3)
+    with pytest.raises(err, match=match):
+        df.optimize(velocity, cost_for(y), x0, steps=2, stop_loss=stop_loss)
+
+
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
 def test_single_sample_follows_torch_lbfgs(solver):
     """On one sample our L-BFGS and torch.optim.LBFGS(strong_wolfe) take the same iterates."""

@@ -56,6 +56,18 @@ def test_linear_problem_costs(task):
         assert rel_err(sub.cost(x[rows]), c[rows]) <= 1e-6
 
 
+@pytest.mark.parametrize("task", problems.LINEAR_TASKS)
+def test_noise_level_is_the_truths_expected_cost(task):
+    """m sigma^2: the ground truth's own cost is within a few standard deviations of it (the cost
+    at the truth is sigma^2 times a chi-square with m degrees of freedom)."""
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    p = problems.make(task, x, sigma=0.1, generator=torch.Generator().manual_seed(1))
+    m = p.y[0].numel()
+    assert p.noise_level == pytest.approx(m * 0.01)
+    mean = float(p.cost(x).mean())
+    assert abs(mean - p.noise_level) <= 4 * 0.01 * math.sqrt(2 * m / 64)
+
+
 def test_class_problem_cost():
     clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     x = torch.randn(5, 1, 28, 28)
@@ -70,6 +82,7 @@ def test_class_problem_cost():
         problems.make("class", x)
     with pytest.raises(ValueError, match="unknown task"):
         problems.make("colorize", x)
+    assert p.noise_level is None  # no noise model: nothing to stop at
 
 
 def test_metrics():
