@@ -138,8 +138,9 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
             or ``"reversible_midpoint"`` (McCallum & Foster 2024; 2N resp. 4N evaluations).
             The reversible solvers discretize the flow differently from the plain sampler: same
             model, slightly different x1 (docs/reversible.md).
-        gradient: ``"adjoint"`` (exact discrete adjoint; stores only the N states, recomputes each
-            step in the backward sweep), ``"backprop"`` (autograd through the unrolled loop),
+        gradient: ``"adjoint"`` (exact discrete adjoint; stores only the N states, with midpoint
+            also their first-stage velocities, and recomputes one network evaluation at a time in
+            the backward sweep), ``"backprop"`` (autograd through the unrolled loop),
             ``"reversible"`` (reversible solvers only: stores nothing per step, the backward
             rebuilds the states by the algebraic inverse; warns with
             :class:`~dflow_fast.reversible.ReconstructionWarning` if they drift), or ``"auto"``
