@@ -12,13 +12,14 @@ def main(argv: list[str] | None = None) -> int:
 
     f = sub.add_parser("demo", help="D-Flow on held-out Fashion-MNIST test images with the "
                        "bundled flow model: PNG grids and a JSON/Markdown report")
-    f.add_argument("--n", type=int, default=6, help="test images per task")
+    f.add_argument("--n", type=int, default=4, help="test images per task")
     f.add_argument("--tasks", nargs="+", default=None,
                    help="tasks (default: all): inpaint_box inpaint_random sr2 sr4 deblur "
                         "denoise class")
     f.add_argument("--steps", type=int, default=6, help="midpoint steps of the ODE solve")
-    f.add_argument("--max-iter", type=int, default=40, help="L-BFGS iterations")
-    f.add_argument("--alpha", type=float, default=0.5, help="backward-blend alpha")
+    f.add_argument("--max-iter", type=int, default=100,
+                   help="L-BFGS iterations at most (each image stops at its noise level)")
+    f.add_argument("--alpha", type=float, default=0.1, help="backward-blend alpha")
     f.add_argument("--sigma", type=float, default=0.05,
                    help="measurement noise std (denoise: 0.2)")
     f.add_argument("--no-reference", action="store_true",

