@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed rounds (default 3 cpu, 5 cuda)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="JSON path (default bench/results/budget_<device>.json)")
+    p.add_argument("--out", type=Path,
+                   help="JSON path (default bench/results/budget_<device>.json)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -63,16 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _gradient(velocity, x0, target, *, steps, solver, gradient, budget=None):
+    """d sum_b mse(x1_b, target_b) / d x0 through dflow_fast.solve; [B, *S]."""
+    import dflow_fast
     x = x0.detach().requires_grad_(True)
     kw = {"memory_budget": budget} if gradient == "auto" else {}
-    x1 = dflow_solve(velocity, x, steps=steps, solver=solver, gradient=gradient, **kw)
+    x1 = dflow_fast.solve(velocity, x, steps=steps, solver=solver, gradient=gradient, **kw)
     g, = torch.autograd.grad(C.mse_cost(x1, target).sum(), x)
     return g
-
-
-def dflow_solve(*a, **kw):
-    import dflow_fast
-    return dflow_fast.solve(*a, **kw)
 
 
 def _split_of(velocity, x0, *, steps, solver, budget):
@@ -166,12 +164,14 @@ def measure(args) -> dict:
 
 def markdown(doc: dict, meta: dict) -> str:
     cfg = doc["config"]
-    lines = [f"# gradient=\"auto\" vs memory budget — {meta.get('device_name', cfg['device'])}",
+    where = meta.get("device_name", cfg["device"])
+    peak = ("CUDA allocator peak above the pre-call allocation" if cfg["device"] == "cuda"
+            else "bytes saved for backward (weights excluded)")
+    lines = [f"# gradient=\"auto\" vs memory budget — {where}",
              "",
              f"Net `{cfg['net']}`, batch {cfg['batch']}, {cfg['steps']} steps, one gradient "
              f"d cost/d x0; median of {cfg['repeats']} ({cfg['clock']} time). Budget as a "
-             f"fraction of auto's estimate for keeping every step's graph. Peak: "
-             f"{'CUDA allocator peak above the pre-call allocation' if cfg['device'] == 'cuda' else 'bytes saved for backward (weights excluded)'}. "
+             f"fraction of auto's estimate for keeping every step's graph. Peak: {peak}. "
              f"Command: `{meta.get('command', '')}`", "",
              "| case | solver | budget | split graph/stored/reversible | time (s) | time / backprop "
              "| peak (MiB) | peak / backprop | peak / adjoint | grad err vs backprop |",

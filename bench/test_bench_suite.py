@@ -14,13 +14,14 @@ installed. Cases marked ``gpu`` are sized for a CUDA GPU and skip without one.
 from __future__ import annotations
 
 import json
+import sys
 import types
 
 import pytest
 import torch
 
 import dflow_fast
-from bench import bench_e2e, bench_gradient
+from bench import bench_budget, bench_e2e, bench_gradient
 from bench import common as C
 
 STEPS, BATCH = 4, 2
@@ -170,6 +171,24 @@ def test_batched_optimize_matches_per_image_loop(benchmark, task):
 
 # ----------------------------------------------------------------------------- the scripts
 
+def test_bench_budget_script_spans_adjoint_to_backprop(tmp_path, monkeypatch):
+    """bench_budget on the tiny net: the budget-0 row keeps the adjoint's saved bytes, the
+    all-graph row backprop's, every midpoint row's gradient equals backprop's; files written."""
+    out = tmp_path / "budget.json"
+    monkeypatch.setattr(sys, "argv", ["bench_budget.py"])
+    bench_budget.main(["--config", "tiny", "--batch", "2", "--steps", "4", "--repeats", "1",
+                       "--fractions", "0", "0.5", "1", "--out", str(out)])
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["auto/midpoint/0.0000"]["peak_bytes"] == rows["adjoint"]["peak_bytes"]
+    assert rows["auto/midpoint/1.0000"]["peak_bytes"] == rows["backprop"]["peak_bytes"]
+    assert rows["auto/midpoint/0.0000"]["split"] == {"graph": 0, "stored": 4, "reversible": 0}
+    assert rows["auto/reversible_midpoint/0.0000"]["split"]["reversible"] == 4
+    assert all(r["rel_err_vs_backprop"] <= TOL_F32 for r in rows.values()
+               if r["rel_err_vs_backprop"] is not None)
+    for suffix in (".md", "_budget.png"):
+        assert (tmp_path / f"budget{suffix}").stat().st_size > 0
+
+
 def test_bench_peers_script_writes_results(tmp_path):
     """bench_gradient.main with bench_peers' method set on the tiny net: JSON, Markdown, plots."""
     out = tmp_path / "peers.json"
@@ -217,7 +236,8 @@ def test_bench_e2e_script_on_fashion_mnist(tmp_path):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("method", ["reference", "backprop", "adjoint-torch", "adjoint-cuda",
-                                    "adjoint-triton", "auto", "auto-0", "reversible", "checkpoint", "torchdiffeq",
+                                    "adjoint-triton", "auto", "auto-0", "reversible",
+                                    "checkpoint", "torchdiffeq",
                                     "torchdiffeq-adjoint", "flow_matching"])
 def test_gradient_method_gpu(benchmark, method):
     """The 35M-parameter net, batch 8, 3x64x64, 10 midpoint steps: every method incl. peers."""
