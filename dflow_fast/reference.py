@@ -43,12 +43,17 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver:
              max_eval: Optional[int] = None, lr: Optional[float] = None, history_size: int = 10,
              tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, t0: float = 0.0,
              t1: float = 1.0, time_grid=None, regularization=None, callback=None,
-             progress: bool = False) -> OptimizeResult:
+             progress: bool = False, stop_loss=None) -> OptimizeResult:
     """Same signature as :func:`dflow_fast.optimize`; one optimizer over the summed batch loss.
 
     ``gradient`` is accepted for signature compatibility; the reference always backpropagates.
     ``callback`` is called with the iteration number after each iteration; ``progress`` is ignored.
+    ``stop_loss`` must be None: ``torch.optim.LBFGS`` cannot stop at a loss within one call (give
+    the reference the iterations the fast path took instead, as the demo does).
     """
+    if stop_loss is not None:
+        raise ValueError("dflow_fast.reference.optimize: stop_loss is not supported (torch.optim."
+                         "LBFGS runs max_iter iterations); pass max_iter= instead")
     if steps is None and time_grid is None:
         steps = 6
     start = time.perf_counter()

@@ -65,6 +65,12 @@ def test_stop_loss_stops_each_sample_at_its_own_target(optimizer):
     assert one.status[0] == "target"
 
 
+def test_reference_refuses_stop_loss():
+    velocity, cost_for, y, x0 = problem(B=1)
+    with pytest.raises(ValueError, match="stop_loss is not supported"):
+        reference.optimize(velocity, cost_for(y), x0, steps=2, stop_loss=1.0)
+
+
 @pytest.mark.parametrize("stop_loss, err, match", [
     (torch.zeros(4), ValueError, r"\[B\] = \[3\]"),
     (torch.zeros(3, 1), ValueError, "tensor"),
