@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--no-reference", action="store_true",
                    help="skip the per-image reference path")
     f.add_argument("--device", default="cpu")
+    f.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="float64: the batched and per-image paths take the same iterates")
     f.add_argument("--out", default="demo_out/fashion")
     f.add_argument("--seed", type=int, default=0)
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(n=args.n, tasks=args.tasks or DEFAULT_TASKS, steps=args.steps,
                  max_iter=args.max_iter, sigma=args.sigma, alpha=args.alpha, out=args.out,
                  seed=args.seed,
-                 reference=not args.no_reference, device=args.device)
+                 reference=not args.no_reference, device=args.device, dtype=args.dtype)
         print(open(f"{args.out}/report.md").read())
         print(f"wrote {args.out}/<task>.png, report.json and report.md")
     elif args.command == "demo-digits":
