@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
 
     f = sub.add_parser("demo", help="D-Flow on held-out Fashion-MNIST test images with the "
                        "bundled flow model: PNG grids and a JSON/Markdown report")
-    f.add_argument("--n", type=int, default=4, help="test images per task")
+    f.add_argument("--n", type=int, default=3, help="test images per task")
     f.add_argument("--tasks", nargs="+", default=None,
                    help="tasks (default: all): inpaint_box inpaint_random sr2 sr4 deblur "
                         "denoise class")

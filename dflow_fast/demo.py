@@ -102,7 +102,7 @@ def _summary(res, n: int) -> dict:
             "peak_memory": res.peak_memory}
 
 
-def run(n: int = 4, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 100, sigma: float = 0.05,
+def run(n: int = 3, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 100, sigma: float = 0.05,
         alpha: float = 0.1, out: str | Path = "demo_out/fashion", seed: int = 0,
         reference: bool = True, progress: bool = True, device: str = "cpu",
         dtype: str = "float32") -> dict:
