@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
 from bench import common as C  # noqa: E402
+from dflow_fast.optimize import default_max_eval  # noqa: E402
 
 EQUAL_COST_TOL = 0.01  # "equal final cost": dflow_fast's mean within 1% of the reference's
 # Time to the reference's final PSNR is also given to within this many dB: runs that end at the
@@ -283,7 +284,7 @@ def measure(args) -> dict:
             "n_params": C.n_params(flow), "data": "Fashion-MNIST test, seeded random subset",
             "tasks": args.tasks, "n": args.n, "batch": args.batch, "steps": args.steps,
             "solver": "midpoint", "max_iter": args.max_iter,
-            "max_eval": args.max_iter * 5 // 4, "gradient": args.gradient,
+            "max_eval": default_max_eval(args.max_iter), "gradient": args.gradient,
             "sigma": args.sigma, "alpha": args.alpha, "threads": torch.get_num_threads(),
             "seed": args.seed, "equal_cost_tolerance": EQUAL_COST_TOL,
             "time": (f"seconds = {'process CPU time' if args.time == 'cpu' else 'wall time'} "

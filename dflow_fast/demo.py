@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import backward_blend, metrics, optimize, problems, reference, solve
+from .optimize import default_max_eval
 from .data import fashion_mnist
 from .models import load_pretrained
 
@@ -70,7 +71,8 @@ def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Ten
             # this image instead (the same stop in exact arithmetic), within the same max_eval.
             it = max(1, int(res.nit[i]))
             r = reference.optimize(flow, sub.cost, x0[i:i + 1], steps=steps, max_iter=it,
-                                   max_eval=max_iter * 5 // 4, history_size=HISTORY)
+                                   max_eval=default_max_eval(max_iter),
+                                   history_size=HISTORY)
             ref_x1.append(r.x1)
             ref_loss.append(r.loss)
             ref_nfe += r.velocity_calls

@@ -63,6 +63,12 @@ class IterationInfo:
     active: Tensor  # [B] bool: still optimizing
 
 
+def default_max_eval(max_iter: int) -> int:
+    """L-BFGS's cost-and-gradient evaluations per sample when ``max_eval`` is not given (as
+    torch.optim.LBFGS: 5/4 of the iterations)."""
+    return max_iter * 5 // 4
+
+
 def _check_positive(name: str, value, integer: bool = False) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
         isinstance(value, (int, float)) and math.isfinite(value)
@@ -191,7 +197,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     _check_positive("max_iter", max_iter, integer=True)
     _check_positive("history_size", history_size, integer=True)
     if max_eval is None:
-        max_eval = max_iter * 5 // 4
+        max_eval = default_max_eval(max_iter)
     _check_positive("max_eval", max_eval, integer=True)
     if lr is None:
         lr = 1.0 if optimizer == "lbfgs" else 0.05
