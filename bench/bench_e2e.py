@@ -239,7 +239,9 @@ def compare(runs: list[dict], n: int) -> None:
                     else None)
 
 
-def measure(args) -> dict:
+def measure(args, on_task=None) -> dict:
+    """Runs every task; ``on_task(payload)`` is called after each one with the tasks done so far
+    (a run cut short by a time limit still leaves its finished tasks on disk)."""
     import dflow_fast
     from dflow_fast import metrics, problems
     from dflow_fast.data import fashion_mnist
@@ -275,7 +277,12 @@ def measure(args) -> dict:
                 _log(task, runs[-1])
         compare(runs, args.n)
         tasks.append({"task": task, "n": args.n, "blend_psnr_mean": blend_psnr, "runs": runs})
+        if on_task is not None:
+            on_task(_payload(args, flow, tasks))
+    return _payload(args, flow, tasks)
 
+
+def _payload(args, flow, tasks: list[dict]) -> dict:
     return {
         "benchmark": "e2e",
         "command": " ".join(["python", "bench/bench_e2e.py", *sys.argv[1:]]),
@@ -445,9 +452,15 @@ def main(argv=None) -> int:
         payload = doc
     else:
         torch.set_num_threads(args.threads)
-        payload = measure(args)
         meta = C.environment(args.device)
-        path = C.write_json(args.out, payload, args.device, meta)
+
+        def save(payload):
+            path = C.write_json(args.out, payload, args.device, meta)
+            path.with_suffix(".md").write_text(markdown(payload, meta))
+            return path
+
+        payload = measure(args, on_task=save)
+        path = save(payload)
     md = path.with_suffix(".md")
     md.write_text(markdown(payload, meta))
     written = [path, md] + (plot(payload, meta, path.with_suffix("")) if args.plot else [])

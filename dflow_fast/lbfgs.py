@@ -183,6 +183,7 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int
         gtd = (g[idx] * d).sum(1).tolist()
         g_l1 = g[idx].abs().sum(1).tolist()
         d_inf = d.abs().amax(1).tolist()
+        f_now = f.tolist()  # one device sync, not one per sample
         searches: dict[int, tuple[int, LineSearch]] = {}
         pending: dict[int, float] = {}
         for r, i in enumerate(act):
@@ -190,7 +191,7 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int
                 smp.stop(i, "converged")
                 continue
             t = min(1.0, 1.0 / g_l1[r]) * lr if smp.nit[i] == 0 else lr
-            start = Trial(0.0, f[i].item(), gtd[r])
+            start = Trial(0.0, f_now[i], gtd[r])
             ls = strong_wolfe(t, start, d_inf[r], tolerance_change=tolerance_change)
             searches[i] = (r, ls)
             pending[i] = next(ls)
@@ -199,7 +200,10 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int
         while pending:
             ids = list(pending)
             rows = torch.tensor([searches[i][0] for i in ids], device=x.device)
-            ts = torch.tensor([pending[i] for i in ids], dtype=x.dtype, device=x.device)
+            # Steps rounded to x's dtype (the step actually taken), read back without a sync.
+            ts_host = torch.tensor([pending[i] for i in ids], dtype=x.dtype)
+            steps = ts_host.tolist()
+            ts = ts_host.to(x.device)
             di = d[rows]
             xt = x[torch.tensor(ids, device=x.device)] + ts[:, None] * di
             ft, gt, x1t = evaluate(torch.tensor(ids, device=x.device), xt)
@@ -209,7 +213,7 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int
                 smp.nfev[i] += 1
                 try:
                     pending[i] = searches[i][1].send(
-                        Trial(float(ts[r]), fi, gtd_t[r], xt[r], gt[r], x1t[r]))
+                        Trial(steps[r], fi, gtd_t[r], xt[r], gt[r], x1t[r]))
                 except StopIteration as done:
                     accepted[i] = done.value
         _accept(accepted, searches, d, x, f, g, x1, S, Y, rho, gamma, smp,
