@@ -2,8 +2,10 @@
 
 The vector algebra (two-loop recursion, history updates) runs batched over the active samples;
 each sample's strong-Wolfe line search is a small scalar state machine (a Python generator) that
-proposes step lengths, so the trial points of all samples still searching are evaluated together in
-one batched call. A sample's iterates therefore do not depend on the other samples in the batch.
+proposes step lengths, so the trial points of all active samples are evaluated together in one
+batched call. Samples advance asynchronously: one whose line search ends starts its next iteration
+in the next call, so no call waits on the slowest search. A sample's iterates therefore do not
+depend on the other samples in the batch (up to the rounding of batched arithmetic).
 
 Algorithm: Nocedal & Wright, Numerical Optimization (2nd ed.), Alg. 7.4 (two-loop recursion) and
 Alg. 3.5/3.6 (strong-Wolfe bracketing and zoom) with cubic interpolation (eq. 3.59); the safeguards
@@ -146,13 +148,15 @@ def _finite_rows(f: Tensor, g: Tensor) -> list[bool]:
 
 def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int, lr: float,
                   history_size: int, tolerance_grad: float, tolerance_change: float,
-                  on_iteration: Callable[[Samples, Tensor, Tensor], bool] | None = None,
+                  on_iteration: Callable[[Samples, Tensor, Tensor, list], bool] | None = None,
                   direction: Callable = _reference.lbfgs_direction):
     """Minimize B independent objectives from ``x`` [B, D].
 
     ``direction(g, S, Y, rho, gamma)`` is the two-loop recursion of the chosen backend.
 
-    ``on_iteration(samples, x, f)`` runs after every batched iteration; returning True stops all.
+    ``on_iteration(samples, x, f, done)`` runs after every batched evaluation in which the samples
+    ``done`` (a list) completed an iteration; ``x`` holds each sample's latest iterate (samples
+    advance at their own pace: ``samples.nit``). Returning True stops all.
     Returns ``(x [B, D], f [B], x1 [B, *S], samples)``; each sample ends on its last accepted
     (finite) iterate with ``samples.status[i]`` saying why it stopped.
     """
@@ -173,60 +177,78 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int
     Y = x.new_zeros(B, m, D)
     rho = x.new_zeros(B, m)
     gamma = x.new_ones(B)
+    d = torch.zeros_like(x)  # each searching sample's current direction
 
+    # Samples run their iterations asynchronously: a sample whose line search has ended starts its
+    # next iteration at once instead of waiting for the slowest search in the batch, so every
+    # batched evaluation holds every active sample (the number of rounds is about the largest
+    # per-sample evaluation count, not the sum over iterations of the longest search).
+    searches: dict[int, LineSearch] = {}
+    pending: dict[int, float] = {}  # sample -> the step its search wants evaluated next
     while True:
-        act = smp.active()
-        if not act:
+        fresh = [i for i in smp.active() if i not in searches]
+        if fresh:
+            _start_searches(fresh, x, f, g, d, S, Y, rho, gamma, smp, searches, pending,
+                            direction, lr, tolerance_change)
+        if not pending:
             break
-        idx = torch.tensor(act, device=x.device)
-        d = direction(g[idx], S[idx], Y[idx], rho[idx], gamma[idx])
-        gtd = (g[idx] * d).sum(1).tolist()
-        g_l1 = g[idx].abs().sum(1).tolist()
-        d_inf = d.abs().amax(1).tolist()
-        f_now = f.tolist()  # one device sync, not one per sample
-        searches: dict[int, tuple[int, LineSearch]] = {}
-        pending: dict[int, float] = {}
-        for r, i in enumerate(act):
-            if not gtd[r] <= -tolerance_change:  # not a descent direction (or NaN): stationary
-                smp.stop(i, "converged")
-                continue
-            t = min(1.0, 1.0 / g_l1[r]) * lr if smp.nit[i] == 0 else lr
-            start = Trial(0.0, f_now[i], gtd[r])
-            ls = strong_wolfe(t, start, d_inf[r], tolerance_change=tolerance_change)
-            searches[i] = (r, ls)
-            pending[i] = next(ls)
+        ids = list(pending)
+        sel = torch.tensor(ids, device=x.device)
+        # Steps rounded to x's dtype (the step actually taken), read back without a sync.
+        ts_host = torch.tensor([pending[i] for i in ids], dtype=x.dtype)
+        steps = ts_host.tolist()
+        di = d[sel]
+        xt = x[sel] + ts_host.to(x.device)[:, None] * di
+        ft, gt, x1t = evaluate(sel, xt)
+        gtd_t = (gt * di).sum(1).tolist()
+        pending = {}
         accepted: dict[int, Optional[Trial]] = {}
-        # All samples still searching are evaluated together, one batched call per round.
-        while pending:
-            ids = list(pending)
-            rows = torch.tensor([searches[i][0] for i in ids], device=x.device)
-            # Steps rounded to x's dtype (the step actually taken), read back without a sync.
-            ts_host = torch.tensor([pending[i] for i in ids], dtype=x.dtype)
-            steps = ts_host.tolist()
-            ts = ts_host.to(x.device)
-            di = d[rows]
-            xt = x[torch.tensor(ids, device=x.device)] + ts[:, None] * di
-            ft, gt, x1t = evaluate(torch.tensor(ids, device=x.device), xt)
-            gtd_t = (gt * di).sum(1).tolist()
-            pending = {}
-            for r, (i, fi) in enumerate(zip(ids, ft.tolist())):
-                smp.nfev[i] += 1
-                try:
-                    pending[i] = searches[i][1].send(
-                        Trial(steps[r], fi, gtd_t[r], xt[r], gt[r], x1t[r]))
-                except StopIteration as done:
-                    accepted[i] = done.value
-        _accept(accepted, searches, d, x, f, g, x1, S, Y, rho, gamma, smp,
-                max_iter, max_eval, tolerance_grad, tolerance_change)
-        if on_iteration is not None and on_iteration(smp, x, f):
+        for r, (i, fi) in enumerate(zip(ids, ft.tolist())):
+            smp.nfev[i] += 1
+            try:
+                pending[i] = searches[i].send(Trial(steps[r], fi, gtd_t[r], xt[r], gt[r], x1t[r]))
+            except StopIteration as done:
+                accepted[i] = done.value
+                del searches[i]
+        if not accepted:
+            continue
+        done = _accept(accepted, x, f, g, x1, S, Y, rho, gamma, smp,
+                       max_iter, max_eval, tolerance_grad, tolerance_change)
+        if on_iteration is not None and done and on_iteration(smp, x, f, done):
             for i in smp.active():
                 smp.stop(i, "callback")
+        for i in [i for i in pending if smp.status[i] is not None]:  # stopped by the callback
+            del pending[i], searches[i]
     return x, f, x1, smp
 
 
-def _accept(accepted, searches, d, x, f, g, x1, S, Y, rho, gamma, smp: Samples,
-            max_iter, max_eval, tolerance_grad, tolerance_change) -> None:
-    """Move each sample to its accepted point, update its history and test its stopping rules."""
+def _start_searches(fresh: list[int], x, f, g, d, S, Y, rho, gamma, smp: Samples, searches,
+                    pending, direction, lr, tolerance_change) -> None:
+    """Begin an iteration for each sample in ``fresh``: its L-BFGS direction (batched two-loop
+    recursion) into ``d`` and a strong-Wolfe search whose first step goes into ``pending``."""
+    idx = torch.tensor(fresh, device=x.device)
+    g_i = g[idx]
+    d_i = direction(g_i, S[idx], Y[idx], rho[idx], gamma[idx])
+    d[idx] = d_i
+    gtd = (g_i * d_i).sum(1).tolist()
+    g_l1 = g_i.abs().sum(1).tolist()
+    d_inf = d_i.abs().amax(1).tolist()
+    f_now = f[idx].tolist()  # one device sync, not one per sample
+    for r, i in enumerate(fresh):
+        if not gtd[r] <= -tolerance_change:  # not a descent direction (or NaN): stationary
+            smp.stop(i, "converged")
+            continue
+        t = min(1.0, 1.0 / g_l1[r]) * lr if smp.nit[i] == 0 else lr
+        ls = strong_wolfe(t, Trial(0.0, f_now[r], gtd[r]), d_inf[r],
+                          tolerance_change=tolerance_change)
+        searches[i] = ls
+        pending[i] = next(ls)
+
+
+def _accept(accepted, x, f, g, x1, S, Y, rho, gamma, smp: Samples,
+            max_iter, max_eval, tolerance_grad, tolerance_change) -> list[int]:
+    """Move each sample to its accepted point, update its history and test its stopping rules;
+    returns the samples that moved (completed an iteration)."""
     moved = []
     for i, tr in accepted.items():
         if tr is None:
@@ -236,7 +258,7 @@ def _accept(accepted, searches, d, x, f, g, x1, S, Y, rho, gamma, smp: Samples,
         else:
             moved.append(i)
     if not moved:
-        return
+        return moved
     idx = torch.tensor(moved, device=x.device)
     trials = [accepted[i] for i in moved]
     x_new = torch.stack([tr.x for tr in trials])
@@ -271,3 +293,4 @@ def _accept(accepted, searches, d, x, f, g, x1, S, Y, rho, gamma, smp: Samples,
             smp.stop(i, "converged")
         elif step_inf[r] <= tolerance_change or abs(tr.f - f_old[r]) < tolerance_change:
             smp.stop(i, "converged")
+    return moved

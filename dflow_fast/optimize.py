@@ -55,12 +55,16 @@ class OptimizeResult:
 
 @dataclass
 class IterationInfo:
-    """Passed to ``callback`` after every batched iteration."""
+    """Passed to ``callback`` after every batched evaluation in which at least one sample
+    completed an iteration. With L-BFGS, samples advance at their own pace (a sample whose line
+    search ended does not wait for the others), so ``nit`` may differ between samples; with Adam
+    every active sample completes one iteration per call."""
 
-    iteration: int
-    x0: Tensor  # [B, *S] current iterates
+    iteration: int  # how many times the callback has been called
+    x0: Tensor  # [B, *S] each sample's latest iterate
     loss: Tensor  # [B]
     active: Tensor  # [B] bool: still optimizing
+    nit: Tensor  # [B] iterations completed by each sample
 
 
 def default_max_eval(max_iter: int) -> int:
@@ -171,8 +175,9 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         tolerance_grad, tolerance_change: stopping tolerances, meaning what they mean in
             ``torch.optim.LBFGS`` (Adam uses tolerance_grad only).
         regularization: ``R(x0) -> [B]`` added to the cost, e.g. :class:`ChiPrior`.
-        callback: called with an :class:`IterationInfo` after every batched iteration; returning
-            True stops all samples (status ``"callback"``).
+        callback: called with an :class:`IterationInfo` after every batched evaluation in which
+            a sample completed an iteration; returning True stops all samples (status
+            ``"callback"``).
         progress: show a tqdm bar with the mean loss and the number of active samples.
         backend: who runs the solver's state algebra and the optimizer's batched algebra
             (two-loop recursion, χ_d prior), as in :func:`solve`.
@@ -221,23 +226,24 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     bar = _progress_bar(progress, max_iter)
     iteration = 0
 
-    def on_iteration(smp: Samples, X: Tensor, f: Tensor) -> bool:
+    def on_iteration(smp: Samples, X: Tensor, f: Tensor, done: list[int]) -> bool:
         nonlocal iteration
         iteration += 1
-        if targets is not None:
-            for i, fi in enumerate(f.tolist()):
+        if targets is not None:  # only the samples that just moved: the others' losses are old
+            f_done = f[torch.tensor(done, device=f.device)].tolist()
+            for i, fi in zip(done, f_done):
                 if smp.status[i] is None and fi <= targets[i]:
                     smp.stop(i, "target")
         active = [s is None for s in smp.status]
         if bar is not None:
             live = f[torch.isfinite(f)]
-            bar.update(1)
+            bar.update(min(max_iter, max(smp.nit)) - bar.n)  # the most advanced sample
             bar.set_postfix(loss=f"{live.mean().item():.4g}" if live.numel() else "nan",
                             active=sum(active))
         if callback is None:
             return False
         info = IterationInfo(iteration, X.detach().reshape(x0.shape), f.detach(),
-                             torch.tensor(active))
+                             torch.tensor(active), torch.tensor(smp.nit))
         return bool(callback(info))
 
     X = x0.detach().reshape(B, -1)
@@ -332,7 +338,7 @@ def _adam(obj: _Objective, X: Tensor, *, max_iter: int, lr: float, tolerance_gra
             for r in keep:
                 smp.nit[act[r]] += 1
                 smp.history[act[r]].append(fn[r].item())
-        if on_iteration(smp, X, f):
+        if on_iteration(smp, X, f, [act[r] for r in keep]):
             for i in smp.active():
                 smp.stop(i, "callback")
             break
