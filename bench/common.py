@@ -55,6 +55,11 @@ def git_commit() -> dict:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    # A copied working tree (the device tool's) can carry a stale .git: the caller names the
+    # commit it copied instead.
+    if os.environ.get("DFLOW_FAST_COMMIT"):
+        return {"commit": os.environ["DFLOW_FAST_COMMIT"], "dirty": None,
+                "commit_from": "DFLOW_FAST_COMMIT"}
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     # Other files change while a benchmark runs in a shared checkout: record that the numbers
