@@ -230,7 +230,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         nonlocal iteration
         iteration += 1
         if targets is not None:  # only the samples that just moved: the others' losses are old
-            f_done = f[torch.tensor(done, device=f.device)].tolist()
+            f_done = f[torch.tensor(done, dtype=torch.long, device=f.device)].tolist()
             for i, fi in zip(done, f_done):
                 if smp.status[i] is None and fi <= targets[i]:
                     smp.stop(i, "target")

@@ -65,6 +65,23 @@ def test_stop_loss_stops_each_sample_at_its_own_target(optimizer):
     assert one.status[0] == "target"
 
 
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_stop_loss_when_every_sample_turns_nonfinite(optimizer):
+    """The target check copes with an iteration in which no sample moved."""
+    velocity, cost_for, y, x0 = problem(B=2)
+    calls = [0]
+
+    def cost(x1):  # finite at the start, NaN at every later point
+        calls[0] += 1
+        c = ((x1 - y) ** 2).flatten(1).sum(1)
+        return c if calls[0] == 1 else c * float("nan")
+
+    res = df.optimize(velocity, cost, x0, steps=2, max_iter=5, optimizer=optimizer,
+                      gradient="backprop", stop_loss=0.0)
+    assert res.status == ["nonfinite"] * 2 and res.nit.tolist() == [0, 0]
+    assert rel_err(res.x0, x0) == 0
+
+
 def test_reference_refuses_stop_loss():
     velocity, cost_for, y, x0 = problem(B=1)
     with pytest.raises(ValueError, match="stop_loss is not supported"):
