@@ -91,9 +91,25 @@ def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Ten
         outs = {"observation": p.display, "blend only": blend, "D-Flow (dflow_fast)": res.x1}
         if run_reference:
             outs["reference"] = ref_x1
-        row["psnr"] = {k: float(metrics.psnr(v, truth).mean()) for k, v in outs.items()}
+        per_image = {k: metrics.psnr(v, truth) for k, v in outs.items()}
+        row["psnr"] = {k: float(v.mean()) for k, v in per_image.items()}
         row["ssim"] = {k: float(metrics.ssim(v, truth).mean()) for k, v in outs.items()}
+        if run_reference:
+            row["psnr_per_image"] = {k: per_image[k].tolist()
+                                     for k in ("D-Flow (dflow_fast)", "reference")}
+            row["psnr_paired_diff"] = paired_difference(per_image["D-Flow (dflow_fast)"],
+                                                        per_image["reference"])
     return row, list(zip(titles, images))
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Mean of the per-image differences a - b [N], its standard error and a 95% interval
+    (normal approximation, mean ± 1.96 SE): whether two paths' mean PSNRs differ by more than
+    the spread of unconverged float32 runs explains."""
+    d = (a - b).double()
+    mean = float(d.mean())
+    se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
+    return {"mean": mean, "se": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se]}
 
 
 def _summary(res, n: int) -> dict:
@@ -179,6 +195,19 @@ def to_markdown(report: dict) -> str:
     lines += ["", "*class-conditional: accuracy of the bundled classifier on the requested "
               "class; the same classifier defines the cost, so this measures how well the "
               "optimization hit the target, not an independent judgement."]
+    paired = [r for r in report["tasks"] if "psnr_paired_diff" in r]
+    if paired:
+        lines += ["", "Per-image PSNR, D-Flow (dflow_fast) minus reference, same images: mean, "
+                  "standard error and 95% interval (mean ± 1.96 SE).", "",
+                  "| task | mean (dB) | SE (dB) | 95% interval (dB) | images better / worse |",
+                  "|---|---:|---:|---|---:|"]
+        for r in paired:
+            d = r["psnr_paired_diff"]
+            ours, ref = r["psnr_per_image"]["D-Flow (dflow_fast)"], r["psnr_per_image"]["reference"]
+            better = sum(a > b for a, b in zip(ours, ref))
+            worse = sum(a < b for a, b in zip(ours, ref))
+            lines.append(f"| {r['task']} | {d['mean']:+.2f} | {d['se']:.2f} | "
+                         f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | {better} / {worse} |")
     return "\n".join(lines) + "\n"
 
 

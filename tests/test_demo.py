@@ -18,7 +18,14 @@ def test_demo_end_to_end(tmp_path):
     box = report["tasks"][0]
     assert set(box["psnr"]) == {"observation", "blend only", "D-Flow (dflow_fast)", "reference"}
     assert "accuracy" in report["tasks"][2]
-    assert "| inpaint_box | PSNR |" in (out / "report.md").read_text()
+    # the paired per-image difference is the difference of the two means
+    per = box["psnr_per_image"]
+    assert len(per["D-Flow (dflow_fast)"]) == len(per["reference"]) == 2
+    d = box["psnr_paired_diff"]
+    assert abs(d["mean"] - (box["psnr"]["D-Flow (dflow_fast)"] - box["psnr"]["reference"])) < 1e-4
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    md = (out / "report.md").read_text()
+    assert "| inpaint_box | PSNR |" in md and "95% interval" in md
 
 
 def test_demo_float64_paths_agree(tmp_path):
