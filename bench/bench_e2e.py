@@ -454,13 +454,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         meta = C.environment(args.device)
 
-        def save(payload):
-            path = C.write_json(args.out, payload, args.device, meta)
-            path.with_suffix(".md").write_text(markdown(payload, meta))
-            return path
+        def save_partial(payload):
+            C.write_json(args.out, payload, args.device, meta).with_suffix(".md").write_text(
+                markdown(payload, meta))
 
-        payload = measure(args, on_task=save)
-        path = save(payload)
+        payload = measure(args, on_task=save_partial)
+        path = C.write_json(args.out, payload, args.device, meta)
     md = path.with_suffix(".md")
     md.write_text(markdown(payload, meta))
     written = [path, md] + (plot(payload, meta, path.with_suffix("")) if args.plot else [])
