@@ -21,9 +21,10 @@ core, and other jobs on a shared machine do not inflate it (they still share cac
 bandwidth); wall time on CUDA or with more threads. Both are recorded.
 
 Time to the reference's final PSNR: for a dflow_fast run whose batch holds all n images, a
-callback solves x1 from every iteration's x0 (no grad) and records the mean PSNR against the
-ground truth and the wall time spent so far *minus the callback's own time* (the callback does
-not change the trajectory). The first iteration whose mean PSNR reaches the reference's final mean
+callback (run after every batched evaluation in which some sample completed an iteration) solves
+x1 from the current x0 (no grad) and records the mean PSNR against the ground truth and the wall
+time spent so far *minus the callback's own time* (the callback does not change the trajectory).
+The first point whose mean PSNR reaches the reference's final mean
 PSNR (and, separately, comes within 0.1 dB of it) gives dflow_fast's time; the reference's time is
 its whole loop (its mean PSNR over the n images exists only once the last image is done).
 
