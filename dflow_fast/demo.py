@@ -109,7 +109,8 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
     d = (a - b).double()
     mean = float(d.mean())
     se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else float("nan")
-    return {"mean": mean, "se": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se]}
+    return {"mean": mean, "se": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se],
+            "better": int((d > 0).sum()), "worse": int((d < 0).sum())}
 
 
 def _summary(res, n: int) -> dict:
@@ -203,11 +204,9 @@ def to_markdown(report: dict) -> str:
                   "|---|---:|---:|---|---:|"]
         for r in paired:
             d = r["psnr_paired_diff"]
-            ours, ref = r["psnr_per_image"]["D-Flow (dflow_fast)"], r["psnr_per_image"]["reference"]
-            better = sum(a > b for a, b in zip(ours, ref))
-            worse = sum(a < b for a, b in zip(ours, ref))
             lines.append(f"| {r['task']} | {d['mean']:+.2f} | {d['se']:.2f} | "
-                         f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | {better} / {worse} |")
+                         f"[{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] | "
+                         f"{d['better']} / {d['worse']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -179,10 +179,8 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, *, max_iter: int, max_eval: int
     gamma = x.new_ones(B)
     d = torch.zeros_like(x)  # each searching sample's current direction
 
-    # Samples run their iterations asynchronously: a sample whose line search has ended starts its
-    # next iteration at once instead of waiting for the slowest search in the batch, so every
-    # batched evaluation holds every active sample (the number of rounds is about the largest
-    # per-sample evaluation count, not the sum over iterations of the longest search).
+    # Asynchronous samples (module docstring): the number of batched evaluations is the largest
+    # per-sample count, not the sum over iterations of the longest line search.
     searches: dict[int, LineSearch] = {}
     pending: dict[int, float] = {}  # sample -> the step its search wants evaluated next
     while True:
