@@ -16,13 +16,15 @@
 #   drift      reversible reconstruction drift in fp32/bf16 on CUDA
 #   e2e        D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)
 #   suite      the pytest-benchmark suite's gpu cases
+#   demo       the Fashion-MNIST demo (dflow-fast demo) on the GPU; DEMO_ARGS e.g. "--n 16 --dtype
+#              float64 --tasks inpaint_box"; report and pictures in $RESULTS/demo
 #
 # Results (JSON, Markdown, PNG, logs) go to $RESULTS (default bench/results/gpu); when $OUT is set
 # (the device tool) everything is packed into $OUT/gpu_results.tgz and the built extension is
 # copied to $OUT so that a later call can carry it (DFLOW_FAST_PREBUILT=1). Offline extras:
 # PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching), DFLOW_FAST_FASHION_MNIST_DIR=data.
 # Extra arguments per stage: GRADIENT_ARGS (and GRADIENT_NAME for the file), BUDGET_ARGS, E2E_ARGS;
-# time limits GRADIENT_LIMIT, E2E_LIMIT (seconds).
+# DEMO_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-bench/results/gpu}
@@ -110,11 +112,19 @@ suite() {
   $PY -m pytest bench/test_bench_suite.py bench/test_bench_smoke.py -q -p no:cacheprovider -m gpu \
       --benchmark-json="$RESULTS/suite_gpu.json" 2>&1 | tail -15
 }
+demo() {  # tqdm's bar goes to the log; the report is rewritten after every task
+  $PY -m dflow_fast.cli demo --device cuda --out "$RESULTS/demo" ${DEMO_ARGS:-} \
+      >"$RESULTS/demo.log" 2>&1; local rc=$?
+  tr '\r' '\n' <"$RESULTS/demo.log" | grep -v '^ *$' | tail -4
+  cat "$RESULTS/demo/report.md" 2>/dev/null
+  return $rc
+}
 
 declare -A LIMIT=([build]=420 [parity]=420 [kernels]=240 [gradient]=${GRADIENT_LIMIT:-540}
-                  [budget]=300 [drift]=240 [e2e]=${E2E_LIMIT:-540} [suite]=300)
+                  [budget]=300 [drift]=240 [e2e]=${E2E_LIMIT:-540} [suite]=300
+                  [demo]=${DEMO_LIMIT:-540})
 export RESULTS PY OUT=${OUT:-}
-export -f build parity kernels gradient budget drift e2e suite
+export -f build parity kernels gradient budget drift e2e suite demo
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s"; exit 2; }
   run_stage "$s" "${LIMIT[$s]}"

@@ -161,8 +161,9 @@ def run(n: int = 3, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 100, si
                              run_reference=reference, progress=progress)
         report["tasks"].append(row)
         save_grid(out / f"{task}.png", grid)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(to_markdown(report))
+        # after every task: a run stopped by a time limit keeps the tasks it finished
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(to_markdown(report))
     return report
 
 
