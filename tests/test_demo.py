@@ -38,3 +38,24 @@ def test_demo_float64_paths_agree(tmp_path):
     assert report["dtype"] == "float64" and row["stop_loss"] > 0
     assert abs(row["psnr"]["D-Flow (dflow_fast)"] - row["psnr"]["reference"]) <= 1e-6
     assert len(row["dflow_fast"]["iterations"]) == 2
+
+
+def test_demo_keeps_finished_tasks_when_a_later_one_fails(tmp_path, monkeypatch):
+    """The report is written after every task: a run stopped later (a time limit, an error)
+    keeps what it finished."""
+    import pytest
+
+    from dflow_fast import demo
+    real = demo.run_task
+
+    def failing_second(task, *args, **kw):
+        if task == "sr2":
+            raise RuntimeError("stopped")
+        return real(task, *args, **kw)
+    monkeypatch.setattr(demo, "run_task", failing_second)
+    with pytest.raises(RuntimeError, match="stopped"):
+        demo.run(n=1, tasks=["inpaint_box", "sr2"], steps=2, max_iter=1, out=tmp_path,
+                 progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["task"] for r in report["tasks"]] == ["inpaint_box"]
+    assert "| inpaint_box | PSNR |" in (tmp_path / "report.md").read_text()
