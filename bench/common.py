@@ -475,6 +475,13 @@ def one_gradient(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: 
     return g
 
 
+def one_eval(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor) -> Tensor:
+    """``velocity(0.5, x0)`` without a graph: one network evaluation as a solve's forward sweep
+    under ``torch.no_grad`` (the adjoint's) makes it; ``x0: [B, *S]``."""
+    with torch.no_grad():
+        return velocity(torch.tensor(0.5, dtype=x0.dtype, device=x0.device), x0)
+
+
 def rel_err(a: Tensor, b: Tensor) -> float:
     """``||a - b|| / ||b||`` in float64 (NaN if either has non-finite entries)."""
     a, b = a.detach().double(), b.detach().double()

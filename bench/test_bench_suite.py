@@ -201,6 +201,10 @@ def test_bench_peers_script_writes_results(tmp_path):
     assert {"reference", "backprop", "adjoint-torch", "checkpoint"} <= methods
     assert all(r["status"] == "ok" for r in doc["results"])
     assert [v["batch"] for v in doc["vjp"]] == [1, 2] and doc["goals"]
+    # the evaluation-count prediction of the adjoint's time ratio: an evaluation without a graph
+    # costs something and less than one with its VJP, so it lies in (1, 2)
+    assert all(1 < v["adjoint_time_ratio_predicted"] < 2 for v in doc["vjp"])
+    assert all(g["time_vs_backprop_predicted"] > 1 for g in doc["goals"])
     for r in doc["results"]:
         if r["method"] in EXACT:
             assert r["rel_err_vs_ref"] <= TOL_F32
