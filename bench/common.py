@@ -476,8 +476,8 @@ def one_gradient(method: str, velocity: Callable[[Tensor, Tensor], Tensor], x0: 
 
 
 def one_eval(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor) -> Tensor:
-    """``velocity(0.5, x0)`` without a graph: one network evaluation as a solve's forward sweep
-    under ``torch.no_grad`` (the adjoint's) makes it; ``x0: [B, *S]``."""
+    """``velocity(0.5, x0)`` under ``torch.no_grad``: one network evaluation as the adjoint's
+    forward sweep makes it, without a graph; ``x0: [B, *S]``."""
     with torch.no_grad():
         return velocity(torch.tensor(0.5, dtype=x0.dtype, device=x0.device), x0)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dflow_fast.cli import main
 
 
@@ -43,8 +45,6 @@ def test_demo_float64_paths_agree(tmp_path):
 def test_demo_keeps_finished_tasks_when_a_later_one_fails(tmp_path, monkeypatch):
     """The report is written after every task: a run stopped later (a time limit, an error)
     keeps what it finished."""
-    import pytest
-
     from dflow_fast import demo
     real = demo.run_task
 
