@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything dflow_fast needs on a fresh machine: a virtualenv in .venv with the CPU build of
-# torch 2.13.0, the package (editable) with its compiled core dflow_fast._C and its test and data
-# extras, and the offline datasets. Idempotent: a second run only checks (and recompiles nothing
+# torch 2.13.0, the package (editable) with its compiled core dflow_fast._C and its test, data and
+# bench extras, and the offline datasets. Idempotent: a second run only checks (and recompiles nothing
 # that is up to date). Usage: source-free, `bash scripts/setup_env.sh`.
 # The C++ extension compiles against the torch installed here (no GPU or nvcc needed: CPU kernels
 # only); DFLOW_FAST_NO_EXT=1 installs pure Python instead. Other switches: see setup.py.
@@ -19,7 +19,9 @@ python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.
 # Build tools first: the extension builds with --no-build-isolation against the torch above (an
 # isolated build would download a multi-GB CUDA torch); ninja compiles its files in parallel.
 python -m pip install -q setuptools wheel ninja
-python -m pip install -q --no-build-isolation -e ".[test,data]"
+# bench: the peers (torchdiffeq, flow_matching) that the benchmark suite's parity cases compare
+# with; test-time only, never imported by dflow_fast itself.
+python -m pip install -q --no-build-isolation -e ".[test,data,bench]"
 # Fashion-MNIST is a Debian package (files under /usr/share/datasets/fashion-mnist/).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
