@@ -16,6 +16,8 @@
 #   drift      reversible reconstruction drift in fp32/bf16 on CUDA
 #   e2e        D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)
 #   suite      the pytest-benchmark suite's gpu cases
+#   profile    where one gradient's time goes per method (torch.profiler: device busy/idle,
+#              launches, syncs, mallocs; bench/profile_gradient.py); PROFILE_ARGS
 #   demo       the Fashion-MNIST demo (dflow-fast demo) on the GPU; DEMO_ARGS e.g. "--n 16 --dtype
 #              float64 --tasks inpaint_box"; report and pictures in $RESULTS/demo
 #
@@ -24,14 +26,14 @@
 # copied to $OUT so that a later call can carry it (DFLOW_FAST_PREBUILT=1). Offline extras:
 # PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching), DFLOW_FAST_FASHION_MNIST_DIR=data.
 # Extra arguments per stage: GRADIENT_ARGS (and GRADIENT_NAME for the file), BUDGET_ARGS, E2E_ARGS;
-# DEMO_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT (seconds).
+# PROFILE_ARGS, DEMO_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-bench/results/gpu}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity kernels gradient budget drift e2e suite)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity kernels gradient budget drift e2e suite profile)
 status=0
 summary=()
 step() { echo; echo "== $* ($(date +%T))"; }
@@ -112,6 +114,11 @@ suite() {
   $PY -m pytest bench/test_bench_suite.py bench/test_bench_smoke.py -q -p no:cacheprovider -m gpu \
       --benchmark-json="$RESULTS/suite_gpu.json" 2>&1 | tail -15
 }
+profile() {
+  set -o pipefail
+  $PY bench/profile_gradient.py --device cuda --out "$RESULTS/profile_cuda.json" ${PROFILE_ARGS:-} \
+      2>&1 | grep -v '^USDT' | tail -30
+}
 demo() {  # tqdm's bar goes to the log; the report is rewritten after every task
   $PY -m dflow_fast.cli demo --device cuda --out "$RESULTS/demo" ${DEMO_ARGS:-} \
       >"$RESULTS/demo.log" 2>&1; local rc=$?
@@ -122,9 +129,9 @@ demo() {  # tqdm's bar goes to the log; the report is rewritten after every task
 
 declare -A LIMIT=([build]=420 [parity]=420 [kernels]=240 [gradient]=${GRADIENT_LIMIT:-540}
                   [budget]=300 [drift]=240 [e2e]=${E2E_LIMIT:-540} [suite]=300
-                  [demo]=${DEMO_LIMIT:-540})
+                  [profile]=240 [demo]=${DEMO_LIMIT:-540})
 export RESULTS PY OUT=${OUT:-}
-export -f build parity kernels gradient budget drift e2e suite demo
+export -f build parity kernels gradient budget drift e2e suite profile demo
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s"; exit 2; }
   run_stage "$s" "${LIMIT[$s]}"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import dflow_fast
-from bench import bench_budget, bench_e2e, bench_gradient
+from bench import bench_budget, bench_e2e, bench_gradient, profile_gradient
 from bench import common as C
 
 STEPS, BATCH = 4, 2
@@ -210,6 +210,25 @@ def test_bench_peers_script_writes_results(tmp_path):
             assert r["rel_err_vs_ref"] <= TOL_F32
     for suffix in (".md", "_memory.png", "_time.png", "_throughput.png"):
         assert (tmp_path / f"peers{suffix}").stat().st_size > 0
+
+
+def test_profile_script_writes_results(tmp_path):
+    """profile_gradient.main on the tiny net: one profiled gradient per method, with the ops that
+    took the time (on the CPU no CUDA calls, so their counts are 0 and no device time)."""
+    out = tmp_path / "profile.json"
+    profile_gradient.main(["--config", "tiny", "--batch", "2", "--steps", "2", "--methods",
+                           "backprop", "adjoint-torch", "--repeats", "1", "--warmup", "1",
+                           "--out", str(out)])
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["results"]}
+    assert set(rows) == {"backprop", "adjoint-torch"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["wall_s"] > 0 and r["host_self_s"] > 0
+        assert r["device_busy_s"] is None and r["launches"] == r["mallocs"] == 0
+        assert any("conv" in o["op"] for o in r["top_ops"])
+    assert rows["backprop"]["time_ratio_vs_backprop"] == 1.0
+    md = (tmp_path / "profile.md").read_text()
+    assert "| adjoint-torch |" in md and "Top ops of `backprop`" in md
 
 
 def test_bench_e2e_script_on_fashion_mnist(tmp_path):
