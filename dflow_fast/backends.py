@@ -8,9 +8,10 @@ Backends:
                  ``TRITON_INTERPRET=1``, which is how CI tests them).
 
 ``backend="auto"`` (the default, or the environment variable ``DFLOW_FAST_BACKEND``) takes the
-fastest one that loads for the device and falls back quietly, with a log line. A backend asked for
-by name that cannot load raises an error that says how to get it. Loading is lazy: importing
-dflow_fast never imports triton or the extension.
+first of :data:`AUTO_ORDER` that loads for the device (the compiled kernels first; where they win
+and where they do not: bench/results/kernels_*.md) and falls back quietly, with a log line. A
+backend asked for by name that cannot load raises an error that says how to get it. Loading is
+lazy: importing dflow_fast never imports triton or the extension.
 
 The reversible solvers' ops (:data:`REVERSIBLE_OP_NAMES`) are looked up by name like the others,
 but are optional: a backend that does not define one of them runs the PyTorch twin from
@@ -34,7 +35,7 @@ log = logging.getLogger("dflow_fast")
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 ENV_VAR = "DFLOW_FAST_BACKEND"
-#: preference order of "auto", per device type (fastest first)
+#: preference order of "auto", per device type (compiled kernels first)
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 OP_NAMES = ("axpy", "adjoint_euler", "adjoint_midpoint", "chi_prior", "lbfgs_direction")
 #: state updates of the reversible solvers; a backend without a kernel for one uses the torch twin
