@@ -33,16 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
 from bench import common as C  # noqa: E402
 
-DEFAULT_CONFIG = {"cpu": "small", "cuda": "gpu"}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--config", choices=sorted(C.CONFIGS), help="net (default small cpu, gpu cuda)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
+    C.add_net_options(p, batch=8, steps=20)
     p.add_argument("--solvers", nargs="+", default=["midpoint", "reversible_midpoint"],
                    choices=["euler", "midpoint", "reversible_euler", "reversible_midpoint",
                             "reversible_heun"])
@@ -55,9 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON path (default bench/results/budget_<device>.json)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available here")
-    a.config = a.config or DEFAULT_CONFIG[a.device]
+    C.check_net_options(p, a)
     a.repeats = a.repeats or (5 if a.device == "cuda" else 3)
     a.out = a.out or C.RESULTS_DIR / f"budget_{a.device}.json"
     return a

@@ -66,7 +66,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
 from bench import common as C  # noqa: E402
 
-DEFAULT_CONFIG = {"cpu": "small", "cuda": "gpu"}
 DEFAULT_BATCH = {"tiny": 2, "small": 4, "gpu": 8}
 #: where the goals of the issue are read off (DESIGN.md section 2's setting: 10 steps)
 GOAL_STEPS = 10
@@ -115,7 +114,7 @@ def parse_args(argv=None, *, prog=None, description=None,
     a = p.parse_args(argv)
     if a.render:
         return a
-    a.config = a.config or DEFAULT_CONFIG[a.device]
+    a.config = a.config or C.DEFAULT_NET[a.device]
     a.batch = a.batch or [DEFAULT_BATCH[a.config]]
     a.repeats = a.repeats or (3 if a.device == "cpu" else 5)
     if a.clock == "auto":  # CPU time counts every thread: only with one is it a wall time
@@ -125,7 +124,7 @@ def parse_args(argv=None, *, prog=None, description=None,
     if a.fp64_check is None:
         a.fp64_check = a.device == "cpu"
     if a.out is None:
-        suffix = "" if a.config == DEFAULT_CONFIG[a.device] else f"_{a.config}"
+        suffix = "" if a.config == C.DEFAULT_NET[a.device] else f"_{a.config}"
         a.out = C.RESULTS_DIR / f"{out_stem}_{a.device}{suffix}.json"
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available in this torch build / on this machine")

@@ -261,6 +261,26 @@ class ConvVelocityNet(nn.Module):
         return self.head(h)
 
 
+#: the net a device's benchmarks use unless --config says otherwise
+DEFAULT_NET = {"cpu": "small", "cuda": "gpu"}
+
+
+def add_net_options(p, *, batch: int, steps: int) -> None:
+    """``--device``, ``--config`` (the net), ``--batch``, ``--steps``: the options of a benchmark
+    of one problem size (argparse parser ``p``); finish with :func:`check_net_options`."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--config", choices=sorted(CONFIGS), help="net (default small cpu, gpu cuda)")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--steps", type=int, default=steps)
+
+
+def check_net_options(p, a) -> None:
+    """After parsing: CUDA must be there when asked for; the device's default net."""
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    a.config = a.config or DEFAULT_NET[a.device]
+
+
 def build_velocity(config: str | NetConfig, device="cpu", dtype=torch.float32, seed: int = 0):
     """A frozen :class:`ConvVelocityNet` (eval mode, ``requires_grad=False``) and its state shape.
 

@@ -31,7 +31,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
 from bench import common as C  # noqa: E402
 
-DEFAULT_CONFIG = {"cpu": "small", "cuda": "gpu"}
 #: host-side CUDA runtime/driver calls counted per gradient, by kind
 CALLS = {"launches": ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                       "cuLaunchKernelEx"),
@@ -44,10 +43,7 @@ CALLS = {"launches": ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--config", choices=sorted(C.CONFIGS), help="net (default small cpu, gpu cuda)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
+    C.add_net_options(p, batch=8, steps=10)
     p.add_argument("--methods", nargs="+",
                    help="default: backprop and the adjoint on every backend of the device")
     p.add_argument("--repeats", type=int, default=5, help="un-profiled timed rounds")
@@ -57,14 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path,
                    help="JSON path (default bench/results/profile_<device>.json)")
     a = p.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available here")
+    C.check_net_options(p, a)
     if min(a.batch, a.steps, a.repeats, a.top) < 1 or a.warmup < 0:
         p.error("batch, steps, repeats and top must be >= 1, warmup >= 0")
-    a.config = a.config or DEFAULT_CONFIG[a.device]
     a.methods = a.methods or [m for m in C.available_methods(a.device)
                               if m == "backprop" or m.startswith("adjoint-")]
-    a.out = a.out or C.REPO_ROOT / "bench" / "results" / f"profile_{a.device}.json"
+    a.out = a.out or C.RESULTS_DIR / f"profile_{a.device}.json"
     return a
 
 
