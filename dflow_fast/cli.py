@@ -6,7 +6,8 @@ import json
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (imports no torch, so ``--help`` is instant)."""
     parser = argparse.ArgumentParser(prog="dflow-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--device", default="cpu")
     f.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="float64: the batched and per-image paths take the same iterates")
+    # = demo.GRADIENTS (tests/test_demo.py checks), written out: the parser imports no torch
+    f.add_argument("--gradient", choices=["adjoint", "backprop", "auto"], default="adjoint",
+                   help="dflow_fast's gradient scheme (default adjoint; backprop: half the "
+                        "network evaluations, faster where memory allows)")
     f.add_argument("--out", default="demo_out/fashion")
     f.add_argument("--seed", type=int, default=0)
 
@@ -39,14 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("info", help="print build_info()")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import DEFAULT_TASKS, run as run_demo
         run_demo(n=args.n, tasks=args.tasks or DEFAULT_TASKS, steps=args.steps,
                  max_iter=args.max_iter, sigma=args.sigma, alpha=args.alpha, out=args.out,
                  seed=args.seed,
-                 reference=not args.no_reference, device=args.device, dtype=args.dtype)
+                 reference=not args.no_reference, device=args.device, dtype=args.dtype,
+                 gradient=args.gradient)
         print(open(f"{args.out}/report.md").read())
         print(f"wrote {args.out}/<task>.png, report.json and report.md")
     elif args.command == "demo-digits":
