@@ -50,13 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import DEFAULT_TASKS, run as run_demo
-        run_demo(n=args.n, tasks=args.tasks or DEFAULT_TASKS, steps=args.steps,
-                 max_iter=args.max_iter, sigma=args.sigma, alpha=args.alpha, out=args.out,
-                 seed=args.seed,
-                 reference=not args.no_reference, device=args.device, dtype=args.dtype,
-                 gradient=args.gradient)
-        print(open(f"{args.out}/report.md").read())
+        from .demo import DEFAULT_TASKS, run as run_demo, to_markdown
+        report = run_demo(n=args.n, tasks=args.tasks or DEFAULT_TASKS, steps=args.steps,
+                          max_iter=args.max_iter, sigma=args.sigma, alpha=args.alpha,
+                          out=args.out, seed=args.seed, reference=not args.no_reference,
+                          device=args.device, dtype=args.dtype, gradient=args.gradient)
+        print(to_markdown(report))
         print(f"wrote {args.out}/<task>.png, report.json and report.md")
     elif args.command == "demo-digits":
         from .demo_digits import run

@@ -184,7 +184,7 @@ def to_markdown(report: dict) -> str:
              + (f", {report['dtype']}" if report.get("dtype", "float32") != "float32" else "")
              + (f", dflow_fast gradient {report['gradient']}"
                 if report.get("gradient", "adjoint") != "adjoint" else ""), "",
-             "| task | metric | observation | blend only | D-Flow (dflow_fast) | reference "
+             f"| task | metric | observation | blend only | {OURS} | reference "
              "(per image) | dflow_fast s | reference s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["tasks"]:
@@ -201,17 +201,15 @@ def to_markdown(report: dict) -> str:
                              f"{ours_s} | {ref_s} |")
         else:
             a = r["accuracy"]
+            ref = f"{a['reference']:.2f}" if "reference" in a else "-"
             lines.append(f"| {r['task']} | accuracy* | - | {a['blend only']:.2f} | "
-                         f"{a[OURS]:.2f} | "
-                         f"{a['reference']:.2f} | {ours_s} | {ref_s} |" if "reference" in a else
-                         f"| {r['task']} | accuracy* | - | {a['blend only']:.2f} | "
-                         f"{a[OURS]:.2f} | - | {ours_s} | {ref_s} |")
+                         f"{a[OURS]:.2f} | {ref} | {ours_s} | {ref_s} |")
     lines += ["", "*class-conditional: accuracy of the bundled classifier on the requested "
               "class; the same classifier defines the cost, so this measures how well the "
               "optimization hit the target, not an independent judgement."]
     paired = [r for r in report["tasks"] if "psnr_paired_diff" in r]
     if paired:
-        lines += ["", "Per-image PSNR, D-Flow (dflow_fast) minus reference, same images: mean, "
+        lines += ["", f"Per-image PSNR, {OURS} minus reference, same images: mean, "
                   "standard error and 95% interval (mean ± 1.96 SE).", "",
                   "| task | mean (dB) | SE (dB) | 95% interval (dB) | images better / worse |",
                   "|---|---:|---:|---|---:|"]
