@@ -129,9 +129,15 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
+
+def version() -> str:
+    """__version__ from dflow_fast/_version.py, read without importing the package."""
+    text = open(os.path.join(ROOT, "dflow_fast", "_version.py"), encoding="utf-8").read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
 setup(
     name="dflow_fast",
-    version="0.1.0",
+    version=version(),
     description="Fast D-Flow: controlled generation by optimizing the source noise of flow models "
                 "through their ODE solve, with an exact discrete adjoint and batched L-BFGS",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
@@ -147,7 +153,7 @@ setup(
         "data": ["scikit-learn", "mlxtend", "torchmetrics", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "torchdiffeq", "flow_matching"],
     },
-    entry_points={"console_scripts": ["dflow-fast = dflow_fast.cli:main"]},
+    entry_points={"console_scripts": ["dflow-fast = dflow_fast.apps.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the fused ops (semantics: dflow_fast/_reference.py).
+// C++ CPU kernels of the fused ops (semantics: dflow_fast/ops/twins.py).
 //
 // Plain contiguous loops the compiler vectorizes, split across threads with at::parallel_for
 // (OpenMP: this file is compiled with -fopenmp, see csrc/flags.txt; without it parallel_for runs

@@ -1,7 +1,7 @@
 // Shared declarations of the compiled core (dflow_fast._C): the input checks every backend runs
 // before any work, the CPU kernels, and the build facts the CUDA translation unit fills in.
 //
-// The ops and their exact semantics are the PyTorch twins in dflow_fast/_reference.py.
+// The ops and their exact semantics are the PyTorch twins in dflow_fast/ops/twins.py.
 // Shapes: x, v, a, w*, and every tensor of the reversible solvers' updates (y, yhat, f, fnext,
 // z, y1, a_y, a_yhat, a_z, b): [B, *S] (one shape, dtype and device per call); g: [B, D];
 // S, Y: [B, m, D]; rho: [B, m]; gamma: [B]. fp16/bf16 inputs are computed in fp32 (opmath).
@@ -45,7 +45,7 @@ at::Tensor adjoint_midpoint_cpu(const at::Tensor& a, const at::Tensor& w2, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chi_prior_cpu(const at::Tensor& x, double weight);
 at::Tensor lbfgs_direction_cpu(const at::Tensor& g, const at::Tensor& S, const at::Tensor& Y,
                                const at::Tensor& rho, const at::Tensor& gamma);
-// reversible solvers' state updates (formulas: dflow_fast/_reference.py)
+// reversible solvers' state updates (formulas: dflow_fast/ops/twins.py)
 at::Tensor heun_predict_cpu(const at::Tensor& y, const at::Tensor& yhat, const at::Tensor& f,
                             double h);
 std::tuple<at::Tensor, at::Tensor> heun_step_cpu(const at::Tensor& y, const at::Tensor& yhat,

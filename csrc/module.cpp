@@ -94,7 +94,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rho: [B, m], gamma: [B]",
         py::arg("g"), py::arg("S"), py::arg("Y"), py::arg("rho"), py::arg("gamma"), nogil);
 
-  // Reversible solvers' state updates (formulas: dflow_fast/_reference.py).
+  // Reversible solvers' state updates (formulas: dflow_fast/ops/twins.py).
   using T2 = std::tuple<T, T>;
   using T3 = std::tuple<T, T, T>;
   m.def("heun_predict",

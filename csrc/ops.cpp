@@ -1,6 +1,6 @@
 // The one registration point of the fused ops (schemas) and the input checks shared by the CPU
 // and CUDA kernels. Kernels register per device in cpu_kernels.cpp and cuda/ops.cu; the fake
-// (meta) kernels and autograd formulas are registered from Python in dflow_fast/_ext.py.
+// (meta) kernels and autograd formulas are registered from Python in dflow_fast/ops/ext.py.
 #include <torch/library.h>
 
 #include <sstream>
@@ -97,7 +97,7 @@ at::ScalarType chi_prior_stat_dtype(at::ScalarType x_dtype) {
 TORCH_LIBRARY(dflow_fast, m) {
   // The fake kernels live in this Python module (torch requires the pairing, and names the module
   // in its error when a fake tensor reaches an op before the module is imported).
-  m.set_python_module("dflow_fast._ext");
+  m.set_python_module("dflow_fast.ops.ext");
   m.def("axpy(Tensor x, Tensor v, float h) -> Tensor");
   m.def("adjoint_euler(Tensor a, Tensor w) -> Tensor");
   m.def("adjoint_midpoint(Tensor a, Tensor w2, Tensor w1) -> Tensor");

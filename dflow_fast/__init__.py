@@ -3,20 +3,48 @@ source noise of a flow-matching model through its ODE solve.
 
 Public API:
     solve(velocity, x0, *, steps, solver, gradient, ...) -> x1
-    optimize(velocity, cost, x0, *, steps, solver, gradient, optimizer, ...) -> OptimizeResult
+    optimize(velocity, cost, x0, *, steps, solver, gradient, optimizer, options, ...)
+        -> OptimizeResult;  LBFGSOptions, AdamOptions, IterationInfo
     ChiPrior(weight), backward_blend(velocity, x1_guess, *, alpha, ...), ModelVelocity(model)
     reconstruction_drift(velocity, x0, *, solver, steps, ...), ReconstructionWarning:
         the reversible solvers' rebuild error (docs/reversible.md)
-    dflow_fast.reference: the plain-PyTorch paper recipe (oracle and baseline)
+    build_info(): the backends this installation has
+
+Submodules, loaded on first use (``import dflow_fast`` stays light: no triton, matplotlib,
+torchmetrics or safetensors): ``reference`` (the plain-PyTorch paper recipe, oracle and baseline),
+``models``, ``data``, ``metrics``, ``tasks``, ``apps``, and the layers ``core``, ``gradients``,
+``optim``, ``ops`` (docs/design.md section 3).
 """
-from ._build import build_info
-from .ode import ModelVelocity, solve
+from __future__ import annotations
+
+import importlib
+
+from ._version import __version__
+from .core.velocity import ModelVelocity
+from .gradients.reversible import ReconstructionWarning, reconstruction_drift
+from .ops.build import build_info
+from .optim.adam import AdamOptions
+from .optim.lbfgs import LBFGSOptions
 from .optimize import IterationInfo, OptimizeResult, optimize
 from .priors import ChiPrior, backward_blend
-from .reversible import ReconstructionWarning, reconstruction_drift
+from .solve import solve
 
-__version__ = "0.1.0"
+#: submodules reachable as attributes, imported on first access
+_LAZY = ("reference", "models", "data", "metrics", "tasks", "apps", "core", "gradients", "optim",
+         "ops", "kernels")
 
-__all__ = ["solve", "optimize", "OptimizeResult", "IterationInfo", "ChiPrior", "backward_blend",
-           "ModelVelocity", "build_info", "ReconstructionWarning", "reconstruction_drift",
-           "__version__"]
+__all__ = ["solve", "optimize", "OptimizeResult", "IterationInfo", "LBFGSOptions", "AdamOptions",
+           "ChiPrior", "backward_blend", "ModelVelocity", "build_info", "ReconstructionWarning",
+           "reconstruction_drift", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module  # later accesses skip __getattr__
+        return module
+    raise AttributeError(f"module 'dflow_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

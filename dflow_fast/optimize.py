@@ -1,22 +1,29 @@
 """``optimize``: D-Flow source-point optimization for a batch of independent problems."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .lbfgs import Samples, batched_lbfgs
+from .core.checks import check_gradient, check_x0
+from .core.plan import Plan, make_plan
+from .core.velocity import CheckedVelocity, Velocity
+from .gradients.dispatch import run
+from .optim.adam import AdamOptions, batched_adam
+from .optim.lbfgs import LBFGSOptions, batched_lbfgs, default_max_eval  # noqa: F401 (re-export)
+from .optim.samples import SUCCESS, Samples
 from .priors import ChiPrior
-from .ode import CheckedVelocity, check_gradient, check_x0, make_plan, run
-from .solvers import Plan, Velocity
 
 Cost = Callable[[Tensor], Tensor]
-OPTIMIZERS = ("lbfgs", "adam")
+#: optimizer name -> its options dataclass (the flat keywords of optimize() are its fields)
+OPTIMIZERS = {"lbfgs": LBFGSOptions, "adam": AdamOptions}
 DEFAULT_STEPS = 6
+Options = Union[LBFGSOptions, AdamOptions]
 
 
 @dataclass
@@ -67,18 +74,25 @@ class IterationInfo:
     nit: Tensor  # [B] iterations completed by each sample
 
 
-def default_max_eval(max_iter: int) -> int:
-    """L-BFGS's cost-and-gradient evaluations per sample when ``max_eval`` is not given (as
-    torch.optim.LBFGS: 5/4 of the iterations)."""
-    return max_iter * 5 // 4
-
-
-def _check_positive(name: str, value, integer: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
-        isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value <= 0:
-        kind = "an int >= 1" if integer else "a finite number > 0"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+def optimizer_options(optimizer: str, options: Optional[Options], flat: dict) -> Options:
+    """The options of ``optimizer``: ``options`` (default: the dataclass's defaults) with the flat
+    keywords of :func:`optimize` applied on top, validated. A keyword that is not a field of
+    that optimizer's options is refused, naming it."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
+    kind = OPTIMIZERS[optimizer]
+    if options is None:
+        options = kind()
+    elif not isinstance(options, kind):
+        raise TypeError(f"options for optimizer={optimizer!r} must be a {kind.__name__}, got "
+                        f"{type(options).__name__}")
+    fields = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(flat) - fields)
+    if unknown:
+        raise TypeError(f"optimize() got keyword(s) {unknown} that optimizer={optimizer!r} does "
+                        f"not take; its options are {sorted(fields)} ({kind.__name__})")
+    given = {k: v for k, v in flat.items() if v is not None}
+    return dataclasses.replace(options, **given).checked()
 
 
 class _Objective:
@@ -141,15 +155,13 @@ class _Objective:
 
 def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int] = None,
              solver: str = "midpoint", gradient: str = "adjoint", optimizer: str = "lbfgs",
-             max_iter: int = 20, max_eval: Optional[int] = None, lr: Optional[float] = None,
-             history_size: int = 10, tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
-             t0: float = 0.0, t1: float = 1.0, time_grid: Sequence[float] | Tensor | None = None,
+             options: Optional[Options] = None, t0: float = 0.0, t1: float = 1.0,
+             time_grid: Sequence[float] | Tensor | None = None,
              regularization: Optional[Cost] = None,
              callback: Optional[Callable[[IterationInfo], Optional[bool]]] = None,
              progress: bool = False, backend: Optional[str] = None,
-             coupling: Optional[float] = None,
-             memory_budget: Optional[float] = None,
-             stop_loss: float | Tensor | None = None) -> OptimizeResult:
+             coupling: Optional[float] = None, memory_budget: Optional[float] = None,
+             stop_loss: float | Tensor | None = None, **optimizer_kwargs) -> OptimizeResult:
     """D-Flow: minimize ``cost(x1(x0)) + regularization(x0)`` over the source points x0.
 
     Every sample is an independent problem with its own optimizer state; samples that stop
@@ -168,12 +180,12 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             ``"reversible"`` (reversible solvers) or ``"auto"``, as in :func:`solve`.
         optimizer: ``"lbfgs"`` (default; per-sample histories and strong-Wolfe line search) or
             ``"adam"``.
-        max_iter: iterations per sample (default 20). ``max_eval``: cost-and-gradient
-            evaluations per sample (L-BFGS; default ``max_iter * 5 // 4``, as torch.optim.LBFGS).
-        lr: L-BFGS initial step scale (default 1) or Adam learning rate (default 0.05).
-        history_size: L-BFGS memory m (default 10).
-        tolerance_grad, tolerance_change: stopping tolerances, meaning what they mean in
-            ``torch.optim.LBFGS`` (Adam uses tolerance_grad only).
+        options: the optimizer's settings, an :class:`LBFGSOptions` (max_iter 20, max_eval
+            ``max_iter * 5 // 4``, lr 1, history_size 10, tolerance_grad 1e-7,
+            tolerance_change 1e-9; as in torch.optim.LBFGS) or an :class:`AdamOptions`
+            (max_iter 20, lr 0.05, tolerance_grad 1e-7, betas, eps). Default: its defaults.
+        **optimizer_kwargs: the same settings as flat keywords (``max_iter=50, lr=0.5``),
+            applied on top of ``options``; one the chosen optimizer does not take is an error.
         regularization: ``R(x0) -> [B]`` added to the cost, e.g. :class:`ChiPrior`.
         callback: called with an :class:`IterationInfo` after every batched evaluation in which
             a sample completed an iteration; returning True stops all samples (status
@@ -197,19 +209,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     if regularization is not None and not callable(regularization):
         raise TypeError("regularization must be callable as R(x0) -> [B] or None")
     check_gradient(gradient, memory_budget)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
-    _check_positive("max_iter", max_iter, integer=True)
-    _check_positive("history_size", history_size, integer=True)
-    if max_eval is None:
-        max_eval = default_max_eval(max_iter)
-    _check_positive("max_eval", max_eval, integer=True)
-    if lr is None:
-        lr = 1.0 if optimizer == "lbfgs" else 0.05
-    _check_positive("lr", lr)
-    for name, tol in (("tolerance_grad", tolerance_grad), ("tolerance_change", tolerance_change)):
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
+    opts = optimizer_options(optimizer, options, optimizer_kwargs)
     targets = _check_stop_loss(stop_loss, x0.shape[0])
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
@@ -223,7 +223,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     u = CheckedVelocity(velocity)
     obj = _Objective(u, plan, cost, regularization, gradient, x0.shape, memory_budget)
     B = x0.shape[0]
-    bar = _progress_bar(progress, max_iter)
+    bar = _progress_bar(progress, opts.max_iter)
     iteration = 0
 
     def on_iteration(smp: Samples, X: Tensor, f: Tensor, done: list[int]) -> bool:
@@ -237,7 +237,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         active = [s is None for s in smp.status]
         if bar is not None:
             live = f[torch.isfinite(f)]
-            bar.update(min(max_iter, max(smp.nit)) - bar.n)  # the most advanced sample
+            bar.update(min(opts.max_iter, max(smp.nit)) - bar.n)  # the most advanced sample
             bar.set_postfix(loss=f"{live.mean().item():.4g}" if live.numel() else "nan",
                             active=sum(active))
         if callback is None:
@@ -249,14 +249,10 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     X = x0.detach().reshape(B, -1)
     try:
         if optimizer == "lbfgs":
-            X, f, x1, smp = batched_lbfgs(
-                obj, X, max_iter=max_iter, max_eval=max_eval, lr=lr,
-                history_size=history_size, tolerance_grad=tolerance_grad,
-                tolerance_change=tolerance_change, on_iteration=on_iteration,
-                direction=plan.ops.lbfgs_direction)
+            X, f, x1, smp = batched_lbfgs(obj, X, opts, on_iteration=on_iteration,
+                                          direction=plan.ops.lbfgs_direction)
         else:
-            X, f, x1, smp = _adam(obj, X, max_iter=max_iter, lr=lr,
-                                  tolerance_grad=tolerance_grad, on_iteration=on_iteration)
+            X, f, x1, smp = batched_adam(obj, X, opts, on_iteration=on_iteration)
     finally:
         if bar is not None:
             bar.close()
@@ -265,14 +261,13 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     status = list(smp.status)
     return OptimizeResult(
         x0=X.reshape(x0.shape), x1=x1, loss=f,
-        success=torch.tensor([s in ("converged", "target", "max_iter", "max_eval")
-                              for s in status]),
+        success=torch.tensor([s in SUCCESS for s in status]),
         status=status, nit=torch.tensor(smp.nit), nfev=torch.tensor(smp.nfev), nfe=obj.nfe,
         history=smp.history, wall_time=time.perf_counter() - start,
         peak_memory=torch.cuda.max_memory_allocated(x0.device) if cuda else None,
         velocity_calls=u.calls, message=_summary(status),
         extra={"optimizer": optimizer, "solver": solver, "steps": plan.steps,
-               "gradient": gradient})
+               "gradient": gradient, "options": dataclasses.asdict(opts)})
 
 
 def _check_stop_loss(stop_loss, B: int) -> list[float] | None:
@@ -292,57 +287,6 @@ def _check_stop_loss(stop_loss, B: int) -> list[float] | None:
     if any(math.isnan(v) for v in values):
         raise ValueError("stop_loss must not be NaN")
     return values
-
-
-def _adam(obj: _Objective, X: Tensor, *, max_iter: int, lr: float, tolerance_grad: float,
-          on_iteration, betas=(0.9, 0.999), eps: float = 1e-8):
-    """Per-sample Adam (elementwise, so samples are independent by construction)."""
-    B = X.shape[0]
-    X = X.clone()
-    f, g, x1 = obj(None, X)
-    smp = Samples(B)
-    m, v = torch.zeros_like(X), torch.zeros_like(X)
-    for i, fi in enumerate(f.tolist()):
-        smp.nfev[i] = 1
-        smp.history[i].append(fi)
-    ok = (torch.isfinite(f) & torch.isfinite(g).all(1)).tolist()
-    for i in range(B):
-        if not ok[i]:
-            smp.stop(i, "nonfinite")
-    for it in range(1, max_iter + 1):
-        small = (g.abs().amax(1) <= tolerance_grad).tolist()
-        for i in smp.active():
-            if small[i]:
-                smp.stop(i, "converged")
-        act = smp.active()
-        if not act:
-            break
-        idx = torch.tensor(act, device=X.device)
-        gi = g[idx]
-        m[idx] = betas[0] * m[idx] + (1 - betas[0]) * gi
-        v[idx] = betas[1] * v[idx] + (1 - betas[1]) * gi * gi
-        mhat = m[idx] / (1 - betas[0] ** it)
-        vhat = v[idx] / (1 - betas[1] ** it)
-        Xn = X[idx] - lr * mhat / (vhat.sqrt() + eps)
-        fn, gn, x1n = obj(idx, Xn)
-        good = (torch.isfinite(fn) & torch.isfinite(gn).all(1)).tolist()
-        keep = [r for r, ok in enumerate(good) if ok]
-        for r, i in enumerate(act):
-            smp.nfev[i] += 1
-            if not good[r]:
-                smp.stop(i, "nonfinite")  # keeps its last finite iterate
-        if keep:
-            kr = torch.tensor(keep, device=X.device)
-            ki = idx[kr]
-            X[ki], f[ki], g[ki], x1[ki] = Xn[kr], fn[kr], gn[kr], x1n[kr]
-            for r in keep:
-                smp.nit[act[r]] += 1
-                smp.history[act[r]].append(fn[r].item())
-        if on_iteration(smp, X, f, [act[r] for r in keep]):
-            for i in smp.active():
-                smp.stop(i, "callback")
-            break
-    return X, f, x1, smp
 
 
 def _progress_bar(progress: bool, total: int):

@@ -1,4 +1,5 @@
-"""Regularizers on the source point x0 and the backward-blend initialization (DESIGN.md section 1)."""
+"""Regularizers on the source point x0 and the backward-blend initialization (docs/design.md
+section 1)."""
 from __future__ import annotations
 
 import math
@@ -6,8 +7,11 @@ import math
 import torch
 from torch import Tensor
 
-from . import _reference
-from .solvers import Velocity
+from .core.checks import check_x0
+from .core.plan import make_plan
+from .core.velocity import CheckedVelocity, Velocity
+from .gradients.dispatch import run
+from .ops import twins
 
 
 class ChiPrior:
@@ -33,7 +37,7 @@ class ChiPrior:
 
     def grad(self, x0: Tensor) -> Tensor:
         """Closed-form gradient ``weight * (x0 - (d - 1) x0 / ||x0||^2)``, shape of x0."""
-        return _reference.chi_prior(x0.reshape(x0.shape[0], -1), self.weight)[2].reshape(x0.shape)
+        return twins.chi_prior(x0.reshape(x0.shape[0], -1), self.weight)[2].reshape(x0.shape)
 
     def __repr__(self) -> str:
         return f"ChiPrior(weight={self.weight})"
@@ -48,8 +52,6 @@ def backward_blend(velocity: Velocity, x1_guess: Tensor, *, alpha: float = 0.1, 
     fresh noise: ``x0 = sqrt(alpha) * x0_back + sqrt(1 - alpha) * noise``. ``alpha`` in [0, 1]
     sets how much of the guess survives; noise is drawn with ``generator`` when given.
     """
-    from .ode import CheckedVelocity, check_x0, make_plan, run
-
     check_x0(x1_guess, "x1_guess")
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .optimize import OptimizeResult
+from .optimize import DEFAULT_STEPS, OptimizeResult, optimizer_options
 
 
 def solve(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor, *, steps: Optional[int] = None,
@@ -39,11 +39,9 @@ def solve(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor, *, steps: Op
 
 
 def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver: str = "midpoint",
-             gradient: str = "backprop", optimizer: str = "lbfgs", max_iter: int = 20,
-             max_eval: Optional[int] = None, lr: Optional[float] = None, history_size: int = 10,
-             tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, t0: float = 0.0,
+             gradient: str = "backprop", optimizer: str = "lbfgs", options=None, t0: float = 0.0,
              t1: float = 1.0, time_grid=None, regularization=None, callback=None,
-             progress: bool = False, stop_loss=None) -> OptimizeResult:
+             progress: bool = False, stop_loss=None, **optimizer_kwargs) -> OptimizeResult:
     """Same signature as :func:`dflow_fast.optimize`; one optimizer over the summed batch loss.
 
     ``gradient`` is accepted for signature compatibility; the reference always backpropagates.
@@ -54,8 +52,9 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver:
     if stop_loss is not None:
         raise ValueError("dflow_fast.reference.optimize: stop_loss is not supported (torch.optim."
                          "LBFGS runs max_iter iterations); pass max_iter= instead")
+    opts = optimizer_options(optimizer, options, optimizer_kwargs)
     if steps is None and time_grid is None:
-        steps = 6
+        steps = DEFAULT_STEPS
     start = time.perf_counter()
     x = x0.detach().clone().requires_grad_(True)
     calls = [0]
@@ -73,9 +72,10 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver:
 
     losses = []
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS([x], lr=1.0 if lr is None else lr, max_iter=max_iter,
-                                max_eval=max_eval, history_size=history_size,
-                                tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+        opt = torch.optim.LBFGS([x], lr=opts.lr, max_iter=opts.max_iter,
+                                max_eval=opts.max_eval, history_size=opts.history_size,
+                                tolerance_grad=opts.tolerance_grad,
+                                tolerance_change=opts.tolerance_change,
                                 line_search_fn="strong_wolfe")
 
         def closure():
@@ -88,9 +88,9 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver:
         opt.step(closure)
         nit = opt.state[opt._params[0]]["n_iter"]
         nfev = opt.state[opt._params[0]]["func_evals"]
-    elif optimizer == "adam":
-        opt = torch.optim.Adam([x], lr=0.05 if lr is None else lr)
-        for it in range(max_iter):
+    else:
+        opt = torch.optim.Adam([x], lr=opts.lr, betas=opts.betas, eps=opts.eps)
+        for it in range(opts.max_iter):
             opt.zero_grad()
             f = objective()
             f.sum().backward()
@@ -98,9 +98,7 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver:
             opt.step()
             if callback is not None:
                 callback(it + 1)
-        nit, nfev = max_iter, max_iter + 1
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
+        nit, nfev = opts.max_iter, opts.max_iter + 1
     with torch.no_grad():
         x1 = solve(counted, x, steps=steps, solver=solver, t0=t0, t1=t1, time_grid=time_grid)
         f = cost(x1) + (regularization(x) if regularization is not None else 0)

@@ -1,7 +1,7 @@
 """Triton kernels of dflow_fast's fused ops (installed as ``dflow_fast.kernels``).
 
 The ``"triton"`` backend of :mod:`dflow_fast.backends`. Each function has the signature and
-semantics of its PyTorch twin in :mod:`dflow_fast._reference` and calls an operator registered
+semantics of its PyTorch twin in :mod:`dflow_fast.ops.twins` and calls an operator registered
 once with ``torch.library.triton_op`` (namespace ``dflow_fast_triton``), so it works with
 autograd, ``torch.compile`` and ``torch.export``:
 
@@ -13,7 +13,7 @@ autograd, ``torch.compile`` and ``torch.export``:
                                                       gamma: [B]
 
 and the reversible solvers' state updates, every tensor ``[B, *S]`` (formulas in
-:mod:`dflow_fast._reference`):
+:mod:`dflow_fast.ops.twins`):
 
     heun_predict(y, yhat, f, h)                    2 y - yhat + h f
     heun_step(y, yhat, f, fnext, h, hnext)         (y', 2 y' - yhat + hnext fnext),
@@ -92,7 +92,7 @@ def adjoint_midpoint(a: Tensor, w2: Tensor, w1: Tensor) -> Tensor:
 
 def chi_prior(x: Tensor, weight: float) -> Tuple[Tensor, Tensor, Tensor]:
     """``(sq [B], value [B], grad [B, D])`` of the χ_d prior for ``x: [B, D]``; see
-    :func:`dflow_fast._reference.chi_prior`. sq and value are fp32 for fp16/bf16 inputs."""
+    :func:`dflow_fast.ops.twins.chi_prior`. sq and value are fp32 for fp16/bf16 inputs."""
     from .reductions import chi_prior as impl
     return impl(x, weight)
 
@@ -100,7 +100,7 @@ def chi_prior(x: Tensor, weight: float) -> Tuple[Tensor, Tensor, Tensor]:
 def lbfgs_direction(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: Tensor) -> Tensor:
     """L-BFGS search directions ``d [B, D] = -H g`` (two-loop recursion) for ``g: [B, D]``,
     ``S, Y: [B, m, D]``, ``rho: [B, m]``, ``gamma: [B]``; see
-    :func:`dflow_fast._reference.lbfgs_direction`."""
+    :func:`dflow_fast.ops.twins.lbfgs_direction`."""
     from .lbfgs import lbfgs_direction as impl
     return impl(g, S, Y, rho, gamma)
 
@@ -116,7 +116,7 @@ def heun_predict(y: Tensor, yhat: Tensor, f: Tensor, h: float) -> Tensor:
 def heun_step(y: Tensor, yhat: Tensor, f: Tensor, fnext: Tensor, h: float,
               hnext: float) -> Tuple[Tensor, Tensor]:
     """``(y' = y + (h/2)(f + fnext), 2 y' - yhat + hnext fnext)`` in one pass, all ``[B, *S]``;
-    see :func:`dflow_fast._reference.heun_step`."""
+    see :func:`dflow_fast.ops.twins.heun_step`."""
     from .reversible import heun_step as impl
     return impl(y, yhat, f, fnext, h, hnext)
 
@@ -124,7 +124,7 @@ def heun_step(y: Tensor, yhat: Tensor, f: Tensor, fnext: Tensor, h: float,
 def heun_adjoint(a_y: Tensor, a_yhat: Tensor, w: Tensor, h: float,
                  hnext: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Reversible Heun's adjoint through one step, all ``[B, *S]``; see
-    :func:`dflow_fast._reference.heun_adjoint`."""
+    :func:`dflow_fast.ops.twins.heun_adjoint`."""
     from .reversible import heun_adjoint as impl
     return impl(a_y, a_yhat, w, h, hnext)
 
@@ -144,6 +144,6 @@ def coupled_inverse(y1: Tensor, z: Tensor, v: Tensor, lam: float, h: float) -> T
 def coupled_adjoint(a_z: Tensor, b: Tensor, w: Tensor, lam: float,
                     h: float) -> Tuple[Tensor, Tensor]:
     """Coupled reversible RK's adjoint ``(lam b, a_z + (1 - lam) b + h w)``, all ``[B, *S]``; see
-    :func:`dflow_fast._reference.coupled_adjoint`."""
+    :func:`dflow_fast.ops.twins.coupled_adjoint`."""
     from .reversible import coupled_adjoint as impl
     return impl(a_z, b, w, lam, h)

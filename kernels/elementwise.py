@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _op_autograd as _ag
+from ..ops import autograd as _ag
 from ._common import LOW_DTYPES, check_same, check_scalar, split_f64, wrap_triton
 
 # Memory-bound: 16 elements per thread (4 x 16-byte vectors for fp32) keeps enough loads in flight
@@ -93,14 +93,14 @@ def _adjoint_midpoint_op(a: Tensor, w2: Tensor, w1: Tensor) -> Tensor:
     return out
 
 
-# One set of autograd formulas for every compiled backend (dflow_fast/_op_autograd.py).
+# One set of autograd formulas for every compiled backend (dflow_fast/ops/autograd.py).
 _axpy_op.register_autograd(_ag.axpy_backward, setup_context=_ag.axpy_setup)
 _adjoint_euler_op.register_autograd(_ag.adjoint_euler_backward, setup_context=_ag.no_setup)
 _adjoint_midpoint_op.register_autograd(_ag.adjoint_midpoint_backward, setup_context=_ag.no_setup)
 
 
 # ----------------------------------------------------------------------------------------------
-# public functions (signatures of the twins in dflow_fast._reference)
+# public functions (signatures of the twins in dflow_fast.ops.twins)
 
 def axpy(x: Tensor, v: Tensor, h: float) -> Tensor:
     """``x + h * v`` for ``x, v: [B, *S]``: the Euler update and both midpoint stages."""

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _op_autograd as _ag
+from ..ops import autograd as _ag
 from ._common import LOW_DTYPES, check_device, check_tensor, wrap_triton
 
 # A sample's sweeps run on one SM, so its bandwidth is bounded by the bytes in flight: large

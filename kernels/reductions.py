@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _op_autograd as _ag
+from ..ops import autograd as _ag
 from ._common import (LOW_DTYPES, check_device, check_scalar, check_tensor, split_f64,
                       wrap_triton)
 
@@ -101,7 +101,7 @@ def _chi_prior_op(x: Tensor, weight: float) -> Tuple[Tensor, Tensor, Tensor]:
     return sq, value, grad
 
 
-# Same formulas as the C++/CUDA op, the grad output included (dflow_fast/_op_autograd.py).
+# Same formulas as the C++/CUDA op, the grad output included (dflow_fast/ops/autograd.py).
 _chi_prior_op.register_autograd(_ag.chi_prior_backward, setup_context=_ag.chi_prior_setup)
 
 

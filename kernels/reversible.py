@@ -1,6 +1,6 @@
 """State updates of the reversible solvers: reversible Heun and coupled reversible RK
 (``dflow_fast/reversible.py``; formulas and their association as in the twins of
-``dflow_fast/_reference.py``).
+``dflow_fast/ops/twins.py``).
 
 Elementwise like :mod:`.elementwise`: 1-D over the flattened contiguous tensors, one program per
 BLOCK elements, a masked tail, fp32 math for fp16/bf16/fp32 and fp64 math for fp64. Every output
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _op_autograd as _ag
+from ..ops import autograd as _ag
 from ._common import check_same, check_scalar, split_f64, wrap_triton
 from .elementwise import BLOCK, NUM_WARPS, _grid
 
@@ -228,7 +228,7 @@ def _coupled_adjoint_op(a_z: Tensor, b: Tensor, w: Tensor, lam: float,
     return o_y, o_z
 
 
-# One set of autograd formulas for every compiled backend (dflow_fast/_op_autograd.py).
+# One set of autograd formulas for every compiled backend (dflow_fast/ops/autograd.py).
 _heun_predict_op.register_autograd(_ag.heun_predict_backward, setup_context=_ag.scalars_setup)
 _heun_step_op.register_autograd(_ag.heun_step_backward, setup_context=_ag.scalars_setup)
 _heun_adjoint_op.register_autograd(_ag.heun_adjoint_backward, setup_context=_ag.scalars_setup)
@@ -241,7 +241,7 @@ _coupled_adjoint_op.register_autograd(_ag.coupled_adjoint_backward,
 
 
 # ----------------------------------------------------------------------------------------------
-# public functions (signatures of the twins in dflow_fast._reference)
+# public functions (signatures of the twins in dflow_fast.ops.twins)
 
 def heun_predict(y: Tensor, yhat: Tensor, f: Tensor, h: float) -> Tensor:
     """Reversible Heun's prediction ``2 y - yhat + h f``, all ``[B, *S]``."""

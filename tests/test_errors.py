@@ -1,5 +1,5 @@
 """Bad input gets a clear error naming the argument, before any velocity evaluation
-(DESIGN.md section 8)."""
+(docs/design.md section 7)."""
 from __future__ import annotations
 
 import math

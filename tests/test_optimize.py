@@ -10,8 +10,8 @@ import torch
 import dflow_fast as df
 from dflow_fast import reference
 
-from _helpers import make_velocity, rel_err
-from test_solve import closed_form, gaussian_fm_velocity
+from tests.helpers import make_velocity, rel_err
+from tests.test_solve import closed_form, gaussian_fm_velocity
 
 F64 = torch.float64
 

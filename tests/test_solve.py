@@ -8,7 +8,7 @@ import torch
 import dflow_fast as df
 from dflow_fast import reference
 
-from _helpers import make_velocity, rel_err
+from tests.helpers import make_velocity, rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 GRIDS = {

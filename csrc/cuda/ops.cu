@@ -1,4 +1,4 @@
-// CUDA kernels of the fused ops (semantics: dflow_fast/_reference.py), fp32/fp64/fp16/bf16 with
+// CUDA kernels of the fused ops (semantics: dflow_fast/ops/twins.py), fp32/fp64/fp16/bf16 with
 // fp16/bf16 computed in fp32 (at::opmath_type). Every launch goes on the current stream of the
 // inputs' device (so the ops are CUDA-graph capturable) and is checked right after.
 //
@@ -175,7 +175,7 @@ struct Add3Op {  // (a + w2) + w1: the reference's association
   }
 };
 
-// Reversible solvers' updates, each with its twin's association (dflow_fast/_reference.py). The
+// Reversible solvers' updates, each with its twin's association (dflow_fast/ops/twins.py). The
 // scalar coefficients are formed in double on the host and rounded once to opmath.
 
 template <typename acc_t>

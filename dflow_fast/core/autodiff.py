@@ -1,0 +1,35 @@
+"""Vector-Jacobian products of one velocity evaluation and the sum of parameter gradients, shared
+by the plain and the reversible solvers' step VJPs. ``None`` stands for a zero gradient
+throughout, as in ``torch.autograd.grad(..., allow_unused=True)``."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+
+def vjp(out: Tensor, inputs: tuple[Tensor, ...], cot: Tensor) -> tuple[Tensor | None, ...]:
+    """``(d out / d input)^T cot`` per input, None where ``out`` does not depend on it. A velocity
+    whose output has no graph at all (constant in x and in every parameter: ``ones_like(x)``, a
+    function of t only) has nothing to differentiate: every VJP is None, i.e. zero."""
+    if not out.requires_grad:
+        return (None,) * len(inputs)
+    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
+
+
+def zero_if_none(w: Tensor | None, like: Tensor) -> Tensor:
+    """A state cotangent: a velocity that ignores x has no path to it, and its VJP is zero."""
+    return torch.zeros_like(like) if w is None else w
+
+
+def add_grads(p: Tensor | None, q: Tensor | None) -> Tensor | None:
+    """p + q with None as zero."""
+    if p is None:
+        return q
+    return p if q is None else p + q
+
+
+def accumulate(acc: list[Tensor | None], grads: Iterable[Tensor | None]) -> list[Tensor | None]:
+    """Sum per-parameter gradients elementwise over the list, None meaning zero."""
+    return [add_grads(s, g) for s, g in zip(acc, grads)]
