@@ -1,7 +1,7 @@
 """gradient="auto" as its memory budget goes from zero to everything: time and peak memory per
 gradient, and the split of the steps that auto chose.
 
-One gradient d cost(x1)/d x0 through an N-step solve of the U-Net velocity (bench.common's nets),
+One gradient d cost(x1)/d x0 through an N-step solve of the U-Net velocity (bench.lib.nets),
 for each solver in ``--solvers`` (default: midpoint, and reversible_midpoint whose smallest
 budgets reach the reversible segment). The budgets are fractions of what auto estimates keeping
 every step's graph costs (``--fractions``; 0 = nothing kept: the adjoint's memory; 1 = all: the
@@ -12,10 +12,11 @@ the peak RSS above the pre-call size; on CUDA the allocator's peak above the pre
 Times: medians of ``--repeats`` rounds, all cases round-robin (CPU time with one thread on the CPU).
 
 Reversible solvers vs the adjoint vs backprop across steps is in the gradient/peers benchmark
-(``bench/bench_peers.py``: rows ``reversible``, ``adjoint-*``, ``backprop``, ``auto``, ``auto-0``).
+(``python -m bench.bench_peers``: rows ``reversible``, ``adjoint-*``, ``backprop``, ``auto``,
+``auto-0``).
 
-    python bench/bench_budget.py                       # CPU, "small" net, batch 8, 20 steps
-    python bench/bench_budget.py --device cuda         # CUDA, 35M-parameter "gpu" net
+    python -m bench.bench_budget                       # CPU, "small" net, batch 8, 20 steps
+    python -m bench.bench_budget --device cuda         # CUDA, 35M-parameter "gpu" net
 
 Writes ``bench/results/budget_<device>.{json,md}`` and ``_budget.png`` (time and memory vs budget).
 """
@@ -30,14 +31,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
-from bench import common as C  # noqa: E402
+from bench.lib import (RESULTS_DIR, RssPeak, SavedBytesMeter, add_net_options, build_velocity,
+                       check_net_options, command, cuda_peak, environment, guard_oom, median,
+                       mse_cost, rel_err, time_interleaved, write_json)
+
+MODULE = "bench.bench_budget"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_net_options(p, batch=8, steps=20)
+    add_net_options(p, batch=8, steps=20)
     p.add_argument("--solvers", nargs="+", default=["midpoint", "reversible_midpoint"],
                    choices=["euler", "midpoint", "reversible_euler", "reversible_midpoint",
                             "reversible_heun"])
@@ -50,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON path (default bench/results/budget_<device>.json)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args(argv)
-    C.check_net_options(p, a)
+    check_net_options(p, a)
     a.repeats = a.repeats or (5 if a.device == "cuda" else 3)
-    a.out = a.out or C.RESULTS_DIR / f"budget_{a.device}.json"
+    a.out = a.out or RESULTS_DIR / f"budget_{a.device}.json"
     return a
 
 
@@ -62,39 +67,43 @@ def _gradient(velocity, x0, target, *, steps, solver, gradient, budget=None):
     x = x0.detach().requires_grad_(True)
     kw = {"memory_budget": budget} if gradient == "auto" else {}
     x1 = dflow_fast.solve(velocity, x, steps=steps, solver=solver, gradient=gradient, **kw)
-    g, = torch.autograd.grad(C.mse_cost(x1, target).sum(), x)
+    g, = torch.autograd.grad(mse_cost(x1, target).sum(), x)
     return g
 
 
 def _split_of(velocity, x0, *, steps, solver, budget):
     """The split and estimated bytes that auto picks (from the plan it solves with)."""
-    import dflow_fast
-    from dflow_fast.ode import CheckedVelocity, make_plan, run
+    from dflow_fast.core.plan import make_plan
+    from dflow_fast.core.velocity import CheckedVelocity
+    from dflow_fast.gradients.auto import memo
+    from dflow_fast.gradients.common import find_params
+    from dflow_fast.gradients.dispatch import run
     plan = make_plan(solver, steps, 0.0, 1.0, None, x0, None, gradient="auto")
-    params = dflow_fast.adjoint.find_params(velocity)
+    params = find_params(velocity)
     x = x0.detach().requires_grad_(True)
     run(CheckedVelocity(velocity), plan, x, "auto", params, True, memory_budget=budget)
-    s = plan.memo["split"]
-    return {"graph": s.graph, "stored": s.stored, "reversible": s.reversible}, plan.memo["estimate"]
+    m = memo(plan)  # what auto recorded for this plan: the split and its estimated bytes
+    s = m.split
+    return {"graph": s.graph, "stored": s.stored, "reversible": s.reversible}, m.estimate
 
 
 def _memory(fn, net, device):
     """Peak memory of one call: CUDA allocator peak, or saved bytes (meter) and RSS on the CPU."""
     if device.type == "cuda":
-        _, peak = C.cuda_peak(fn, device)
+        _, peak = cuda_peak(fn, device)
         return {"peak_bytes": peak}
-    meter = C.SavedBytesMeter(exclude=list(net.parameters()) + list(net.buffers()))
+    meter = SavedBytesMeter(exclude=list(net.parameters()) + list(net.buffers()))
     with meter:
         fn()
     gc.collect()
-    _, rss = C.RssPeak.measure(fn) if C.RssPeak.available() else (None, None)
+    _, rss = RssPeak.measure(fn) if RssPeak.available() else (None, None)
     return {"peak_bytes": meter.peak, "rss_peak_bytes": rss}
 
 
-def measure(args) -> dict:
+def measure(args, cmd: str | None = None) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    net, shape = C.build_velocity(args.config, device=device, seed=args.seed)
+    net, shape = build_velocity(args.config, device=device, seed=args.seed)
     import dflow_fast
     velocity = dflow_fast.ModelVelocity(net)
     gen = torch.Generator().manual_seed(args.seed)
@@ -125,28 +134,28 @@ def measure(args) -> dict:
     rows = []
     for name, fn in fns.items():
         fn()  # warm-up at this case (allocator pools, caches)
-        mem = C.guard_oom(lambda: _memory(fn, net, device), device)
+        mem = guard_oom(lambda: _memory(fn, net, device), device)
         g = fn()
         rows.append({"case": name, **cases[name], **meta.get(name, {}),
                      **({"status": "oom"} if mem == "oom" else {"status": "ok", **mem}),
-                     "rel_err_vs_backprop": C.rel_err(g, g_ref)
+                     "rel_err_vs_backprop": rel_err(g, g_ref)
                      if not cases[name]["solver"].startswith("reversible") else None})
         print(f"{name:34s} {meta.get(name, {}).get('split', '')} "
               f"peak {mem if mem == 'oom' else mem['peak_bytes'] / 2**20:.1f} MiB",
               file=sys.stderr, flush=True)
     clock = time.process_time if device.type == "cpu" and args.threads == 1 else time.perf_counter
-    times = C.time_interleaved(fns, device, repeats=args.repeats, warmup=1, clock=clock)
-    base = {n: C.median(times[n]) for n in ("backprop", "adjoint")}
+    times = time_interleaved(fns, device, repeats=args.repeats, warmup=1, clock=clock)
+    base = {n: median(times[n]) for n in ("backprop", "adjoint")}
     mem_base = {r["case"]: r.get("peak_bytes") for r in rows if r["case"] in base}
     for r in rows:
         t = times[r["case"]]
         r["times_s"] = t if isinstance(t, list) else None
-        r["time_s"] = C.median(t) if isinstance(t, list) and t else None
+        r["time_s"] = median(t) if isinstance(t, list) and t else None
         for b in base:
             r[f"time_ratio_vs_{b}"] = r["time_s"] / base[b] if r["time_s"] else None
             r[f"mem_ratio_vs_{b}"] = (r["peak_bytes"] / mem_base[b]
                                       if r.get("peak_bytes") and mem_base[b] else None)
-    return {"benchmark": "budget", "command": " ".join(["python"] + sys.argv),
+    return {"benchmark": "budget", "command": cmd or command(MODULE),
             "config": {"device": args.device, "net": args.config, "batch": args.batch,
                        "steps": args.steps, "solvers": args.solvers, "fractions": args.fractions,
                        "repeats": args.repeats, "threads": args.threads, "seed": args.seed,
@@ -220,11 +229,11 @@ def plot(doc: dict, stem: Path) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    payload = measure(args)
-    meta = C.environment(args.device)
-    path = C.write_json(args.out, payload, args.device, meta)
+    payload = measure(args, command(MODULE, argv))
+    meta = environment(args.device)
+    path = write_json(args.out, payload, args.device, meta)
     md = path.with_suffix(".md")
-    md.write_text(markdown(payload, {**meta, "command": " ".join(["python"] + sys.argv)}))
+    md.write_text(markdown(payload, {**meta, "command": payload["command"]}))
     written = [path, md] + ([plot(payload, path.with_suffix(""))] if args.plot else [])
     print(md.read_text())
     print("wrote " + ", ".join(str(p) for p in written))

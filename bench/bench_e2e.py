@@ -2,7 +2,7 @@
 
 On the bundled flow model (``dflow_fast.models.load_pretrained("fashion-mnist")``, a U-Net velocity
 on Fashion-MNIST 28x28 in [-1, 1]) and ``--n`` Fashion-MNIST test images, for each task
-(``dflow_fast.problems.make``: inpaint_box, sr2, deblur, ...):
+(``dflow_fast.tasks.make``: inpaint_box, sr2, deblur, ...):
 
 - the same backward-blend start ``x0`` (``dflow_fast.backward_blend``) for every method;
 - ``reference``: the paper-style loop, ``dflow_fast.reference.optimize`` (autograd through the
@@ -28,8 +28,8 @@ The first point whose mean PSNR reaches the reference's final mean
 PSNR (and, separately, comes within 0.1 dB of it) gives dflow_fast's time; the reference's time is
 its whole loop (its mean PSNR over the n images exists only once the last image is done).
 
-    python bench/bench_e2e.py                      # CPU: n=16, batch 1 4 16, ~10 min on 2 cores
-    python bench/bench_e2e.py --device cuda        # CUDA: n=64, batch 1 8 64
+    python -m bench.bench_e2e                      # CPU: n=16, batch 1 4 16, ~10 min on 2 cores
+    python -m bench.bench_e2e --device cuda        # CUDA: n=64, batch 1 8 64
 
 Writes ``bench/results/e2e_<device>.{json,md}``, ``_throughput.png`` (problems/hour vs batch per
 task) and ``_psnr.png`` (mean PSNR vs time).
@@ -45,9 +45,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
-from bench import common as C  # noqa: E402
-from dflow_fast.optimize import default_max_eval  # noqa: E402
+from bench.lib import RESULTS_DIR, command, environment, n_params, shown, write_json
+from dflow_fast.optimize import default_max_eval
+
+MODULE = "bench.bench_e2e"
 
 EQUAL_COST_TOL = 0.01  # "equal final cost": dflow_fast's mean within 1% of the reference's
 # Time to the reference's final PSNR is also given to within this many dB: runs that end at the
@@ -56,7 +57,8 @@ PSNR_TOL = 0.1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tasks", nargs="+", default=["inpaint_box", "sr2", "deblur"])
@@ -89,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = a.device == "cuda"
     a.n = a.n or (64 if cuda else 16)
     a.batch = sorted(set(a.batch or ([1, 8, 64] if cuda else [1, 4, 16])))
-    a.out = a.out or C.RESULTS_DIR / f"e2e_{a.device}.json"
+    a.out = a.out or RESULTS_DIR / f"e2e_{a.device}.json"
     if a.time == "auto":  # CPU time counts every thread: only with one is it a wall time
         a.time = "cpu" if not cuda and a.threads == 1 else "wall"
     if cuda and not torch.cuda.is_available():
@@ -240,11 +242,13 @@ def compare(runs: list[dict], n: int) -> None:
                     else None)
 
 
-def measure(args, on_task=None) -> dict:
+def measure(args, on_task=None, cmd: str | None = None) -> dict:
     """Runs every task; ``on_task(payload)`` is called after each one with the tasks done so far
-    (a run cut short by a time limit still leaves its finished tasks on disk)."""
+    (a run cut short by a time limit still leaves its finished tasks on disk). ``cmd``: the command
+    recorded (default: this module with this process's arguments)."""
     import dflow_fast
-    from dflow_fast import metrics, problems
+    from dflow_fast import metrics
+    from dflow_fast.tasks import make as make_task
     from dflow_fast.data import fashion_mnist
     from dflow_fast.models import load_pretrained
 
@@ -254,13 +258,13 @@ def measure(args, on_task=None) -> dict:
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]
     truth = images[idx].to(device)
     # One untimed optimization first: first calls allocate caches and load kernels.
-    warm = problems.make(args.tasks[0], truth[:2], sigma=args.sigma)
+    warm = make_task(args.tasks[0], truth[:2], sigma=args.sigma)
     dflow_fast.optimize(flow, warm.cost, torch.randn_like(truth[:2]), steps=args.steps, max_iter=2)
 
     tasks = []
     for task in args.tasks:
-        p = problems.make(task, truth, sigma=args.sigma,
-                          generator=torch.Generator().manual_seed(args.seed))
+        p = make_task(task, truth, sigma=args.sigma,
+                      generator=torch.Generator().manual_seed(args.seed))
         x0 = dflow_fast.backward_blend(flow, p.guess, alpha=args.alpha, steps=args.steps,
                                        generator=torch.Generator(device).manual_seed(
                                            args.seed + 1))  # on x's device: randn needs that
@@ -279,17 +283,17 @@ def measure(args, on_task=None) -> dict:
         compare(runs, args.n)
         tasks.append({"task": task, "n": args.n, "blend_psnr_mean": blend_psnr, "runs": runs})
         if on_task is not None:
-            on_task(_payload(args, flow, tasks))
-    return _payload(args, flow, tasks)
+            on_task(_payload(args, flow, tasks, cmd))
+    return _payload(args, flow, tasks, cmd)
 
 
-def _payload(args, flow, tasks: list[dict]) -> dict:
+def _payload(args, flow, tasks: list[dict], cmd: str | None = None) -> dict:
     return {
         "benchmark": "e2e",
-        "command": " ".join(["python", "bench/bench_e2e.py", *sys.argv[1:]]),
+        "command": cmd or command(MODULE),
         "config": {
             "model": "dflow_fast.models.load_pretrained('fashion-mnist')",
-            "n_params": C.n_params(flow), "data": "Fashion-MNIST test, seeded random subset",
+            "n_params": n_params(flow), "data": "Fashion-MNIST test, seeded random subset",
             "tasks": args.tasks, "n": args.n, "batch": args.batch, "steps": args.steps,
             "solver": "midpoint", "max_iter": args.max_iter,
             "max_eval": default_max_eval(args.max_iter), "gradient": args.gradient,
@@ -380,16 +384,34 @@ def markdown(payload: dict, meta: dict) -> str:
 
 
 def plot(payload: dict, meta: dict, stem: Path) -> list[Path]:
+    """``<stem>_throughput.png`` (problems per hour vs batch) and ``_psnr.png`` (mean PSNR vs
+    time), one panel per task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = payload["tasks"]
     title = f"{meta['device_name']}: D-Flow on Fashion-MNIST, n={payload['config']['n']}"
-    out = []
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 4.0), dpi=110,
-                             squeeze=False)
-    for ax, t in zip(axes[0], tasks):
+
+    def panels():
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 4.0), dpi=110,
+                                 squeeze=False)
+        return fig, axes[0]
+
+    def save(fig, axes, what: str, suffix: str) -> Path:
+        for ax, t in zip(axes, tasks):
+            ax.set_title(t["task"], fontsize=9)
+            ax.grid(True, alpha=0.3)
+        axes[-1].legend(fontsize=7)
+        fig.suptitle(f"{what} — {title}", fontsize=10)
+        fig.tight_layout()
+        path = stem.with_name(stem.name + suffix)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    fig, axes = panels()
+    for ax, t in zip(axes, tasks):
         colors = {"adjoint": "tab:red", "backprop": "tab:blue"}
         fast = [r for r in t["runs"] if r["method"].startswith("dflow_fast")]
         for g in sorted({r["gradient"] for r in fast}):
@@ -406,18 +428,10 @@ def plot(payload: dict, meta: dict, stem: Path) -> list[Path]:
         ax.set_ylim(bottom=0)
         ax.set_xlabel("batch")
         ax.set_ylabel("problems per hour")
-        ax.set_title(t["task"], fontsize=9)
-        ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("throughput vs batch — " + title, fontsize=10)
-    fig.tight_layout()
-    out.append(stem.with_name(stem.name + "_throughput.png"))
-    fig.savefig(out[-1])
-    plt.close(fig)
+    out = [save(fig, axes, "throughput vs batch", "_throughput.png")]
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 4.0), dpi=110,
-                             squeeze=False)
-    for ax, t in zip(axes[0], tasks):
+    fig, axes = panels()
+    for ax, t in zip(axes, tasks):
         for r in t["runs"]:
             if r.get("curve"):
                 ax.plot([p["seconds"] for p in r["curve"]], [p["psnr_mean"] for p in r["curve"]],
@@ -431,14 +445,7 @@ def plot(payload: dict, meta: dict, stem: Path) -> list[Path]:
         ax.set_xlabel(("CPU" if payload["config"].get("time_basis") == "cpu" else "wall")
                       + " seconds (all images)")
         ax.set_ylabel("mean PSNR (dB)")
-        ax.set_title(t["task"], fontsize=9)
-        ax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("PSNR vs time — " + title, fontsize=10)
-    fig.tight_layout()
-    out.append(stem.with_name(stem.name + "_psnr.png"))
-    fig.savefig(out[-1])
-    plt.close(fig)
+    out.append(save(fig, axes, "PSNR vs time", "_psnr.png"))
     return out
 
 
@@ -449,24 +456,23 @@ def main(argv=None) -> int:
         meta = doc.pop("meta")
         for t in doc["tasks"]:
             compare(t["runs"], t["n"])
-        path = C.write_json(args.render, doc, meta["device"], meta)
+        path = write_json(args.render, doc, meta["device"], meta)
         payload = doc
     else:
         torch.set_num_threads(args.threads)
-        meta = C.environment(args.device)
+        meta = environment(args.device)
 
         def save_partial(payload):
-            C.write_json(args.out, payload, args.device, meta).with_suffix(".md").write_text(
+            write_json(args.out, payload, args.device, meta).with_suffix(".md").write_text(
                 markdown(payload, meta))
 
-        payload = measure(args, on_task=save_partial)
-        path = C.write_json(args.out, payload, args.device, meta)
+        payload = measure(args, on_task=save_partial, cmd=command(MODULE, argv))
+        path = write_json(args.out, payload, args.device, meta)
     md = path.with_suffix(".md")
     md.write_text(markdown(payload, meta))
     written = [path, md] + (plot(payload, meta, path.with_suffix("")) if args.plot else [])
     print(md.read_text())
-    print("wrote " + ", ".join(str(p.relative_to(C.REPO_ROOT)) if p.is_relative_to(C.REPO_ROOT)
-                               else str(p) for p in written))
+    print("wrote " + ", ".join(shown(p) for p in written))
     return 0
 
 

@@ -24,9 +24,9 @@ run, velocity calls per gradient, and the relative gradient error ``||g - g_ref|
 (and against a float64 gradient of the same discrete solve, which separates float32 rounding from
 method error: torchdiffeq's continuous adjoints approximate that gradient).
 
-Memory, CPU: the peak bytes saved for backward (``bench.common.SavedBytesMeter``: by storage, live
-over forward + backward, model weights excluded; DESIGN.md section 7's CPU measure) and the peak
-resident set size above the pre-call size (``bench.common.RssPeak``), which also sees
+Memory, CPU: the peak bytes saved for backward (``bench.lib.SavedBytesMeter``: by storage, live
+over forward + backward, model weights excluded; docs/design.md section 6's CPU measure) and the
+peak resident set size above the pre-call size (``bench.lib.RssPeak``), which also sees
 torch.utils.checkpoint (its own saved-tensor hooks hide it from the meter) and transients. CUDA:
 the allocator's peak above what was allocated before the call (``torch.cuda.max_memory_allocated``),
 with the saved bytes also recorded. Out-of-memory cases are recorded as ``"status": "oom"``.
@@ -41,9 +41,9 @@ which keeps the CPU sweep to about half an hour.
 
 Examples (from the repository root)::
 
-    python bench/bench_gradient.py --plot                      # CPU, "small" net, batch 4, ~2 min
-    python bench/bench_peers.py                                # CPU, + peers, batch 1 8 32
-    python bench/bench_gradient.py --device cuda --plot        # CUDA, 35M-parameter "gpu" net
+    python -m bench.bench_gradient --plot                      # CPU, "small" net, batch 4, ~2 min
+    python -m bench.bench_peers                                # CPU, + peers, batch 1 8 32
+    python -m bench.bench_gradient --device cuda --plot        # CUDA, 35M-parameter "gpu" net
 
 Writes ``bench/results/gradient_<device>[_<config>].{json,md}`` (+ ``_memory.png``, ``_rss.png``,
 ``_time.png``, ``_throughput.png`` with ``--plot``); the config suffix is left out for the
@@ -63,26 +63,32 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
-from bench import common as C  # noqa: E402
+from bench.lib import (CONFIGS, DEFAULT_NET, METHODS, MIB, PEER_METHODS, RESULTS_DIR,
+                       CountingVelocity, RssPeak, available_methods, build_velocity, command,
+                       cuda_peak, environment, guard_oom, import_peers, median, n_params, one_eval,
+                       one_gradient, peer_available, rel_err, saved_bytes_gradient, shown,
+                       time_interleaved, write_json)
+
+MODULE = "bench.bench_gradient"
 
 DEFAULT_BATCH = {"tiny": 2, "small": 4, "gpu": 8}
-#: where the goals of the issue are read off (DESIGN.md section 2's setting: 10 steps)
+#: where the goals of the issue are read off (docs/design.md section 2's setting: 10 steps)
 GOAL_STEPS = 10
 
 
-def parse_args(argv=None, *, prog=None, description=None,
+def parse_args(argv=None, *, module=MODULE, description=None,
                out_stem="gradient") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=f"python -m {module}",
+                                description=description or __doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--config", choices=sorted(C.CONFIGS),
+    p.add_argument("--config", choices=sorted(CONFIGS),
                    help="velocity net (default: small on cpu, gpu on cuda)")
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40])
     p.add_argument("--batch", type=int, nargs="+", help="one or more (default: tiny 2, small 4, "
                                                         "gpu 8)")
     p.add_argument("--solver", choices=["midpoint", "euler"], default="midpoint")
-    p.add_argument("--methods", nargs="+", default=list(C.METHODS),
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help="reference, backprop, adjoint, <gradient>-<backend> (adjoint-cpp, "
                         "adjoint-cuda, ...), peers (checkpoint, torchdiffeq, torchdiffeq-adjoint, "
                         "torchdiffeq-adjoint-ss, flow_matching), or 'all' (every method available "
@@ -114,7 +120,7 @@ def parse_args(argv=None, *, prog=None, description=None,
     a = p.parse_args(argv)
     if a.render:
         return a
-    a.config = a.config or C.DEFAULT_NET[a.device]
+    a.config = a.config or DEFAULT_NET[a.device]
     a.batch = a.batch or [DEFAULT_BATCH[a.config]]
     a.repeats = a.repeats or (3 if a.device == "cpu" else 5)
     if a.clock == "auto":  # CPU time counts every thread: only with one is it a wall time
@@ -124,8 +130,8 @@ def parse_args(argv=None, *, prog=None, description=None,
     if a.fp64_check is None:
         a.fp64_check = a.device == "cpu"
     if a.out is None:
-        suffix = "" if a.config == C.DEFAULT_NET[a.device] else f"_{a.config}"
-        a.out = C.RESULTS_DIR / f"{out_stem}_{a.device}{suffix}.json"
+        suffix = "" if a.config == DEFAULT_NET[a.device] else f"_{a.config}"
+        a.out = RESULTS_DIR / f"{out_stem}_{a.device}{suffix}.json"
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available in this torch build / on this machine")
     if min(a.steps) < 1 or min(a.batch) < 1 or a.repeats < 1 or a.warmup < 0 \
@@ -137,15 +143,15 @@ def parse_args(argv=None, *, prog=None, description=None,
 
 def expand_methods(names: list[str], device: str, error) -> list[str]:
     """Resolve 'all' / 'peers', drop 'vjp' (measured separately), check peers are installed."""
-    avail = C.available_methods(device)
+    avail = available_methods(device)
     out: list[str] = []
     for n in names:
         if n == "all":
             add = avail
         elif n == "peers":
-            add = [m for m in avail if m in C.PEER_METHODS]
+            add = [m for m in avail if m in PEER_METHODS]
         else:
-            why = C.peer_available(n)
+            why = peer_available(n)
             if why:
                 error(f"method {n}: {why}")
             add = [n]
@@ -155,16 +161,16 @@ def expand_methods(names: list[str], device: str, error) -> list[str]:
 
 def _measured_call(method, velocity, net, x0, target, kw, device):
     """One gradient under the memory meters and a call counter: (g, memory dict, calls)."""
-    counted = C.CountingVelocity(velocity)
+    counted = CountingVelocity(velocity)
 
     def run():
-        return C.saved_bytes_gradient(method, counted, net, x0, target, **kw)
+        return saved_bytes_gradient(method, counted, net, x0, target, **kw)
 
     if device.type == "cuda":
-        (g, meter), peak = C.cuda_peak(run, device)
+        (g, meter), peak = cuda_peak(run, device)
         rss = None
-    elif C.RssPeak.available():
-        (g, meter), rss = C.RssPeak.measure(run)
+    elif RssPeak.available():
+        (g, meter), rss = RssPeak.measure(run)
         peak = meter.peak
     else:
         (g, meter), rss, peak = run(), None, None
@@ -174,15 +180,16 @@ def _measured_call(method, velocity, net, x0, target, kw, device):
                saved_peak_bytes=None if hidden else meter.peak,
                saved_after_forward_bytes=None if hidden else meter.after_forward,
                rss_peak_bytes=rss)
-    mem["peak_mib"] = None if mem["peak_bytes"] is None else mem["peak_bytes"] / C.MIB
+    mem["peak_mib"] = None if mem["peak_bytes"] is None else mem["peak_bytes"] / MIB
     return g, mem, counted.n
 
 
-def measure(args) -> dict:
-    """All rows of the benchmark; returns the JSON payload (without metadata)."""
+def measure(args, cmd: str | None = None) -> dict:
+    """All rows of the benchmark; returns the JSON payload (without metadata). ``cmd``: the
+    command recorded with it (default: this module with this process's arguments)."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    net, shape = C.build_velocity(args.config, device=device, dtype=dtype, seed=args.seed)
+    net, shape = build_velocity(args.config, device=device, dtype=dtype, seed=args.seed)
     import dflow_fast
     velocity = dflow_fast.ModelVelocity(net)
     velocity64 = dflow_fast.ModelVelocity(copy.deepcopy(net).double()) if args.fp64_check else None
@@ -198,8 +205,8 @@ def measure(args) -> dict:
         # the memory measured for whichever method runs first.
         xw = torch.randn(batch, *shape, generator=gen).to(device=device, dtype=dtype)
         for m in methods:
-            C.guard_oom(functools.partial(C.one_gradient, m, velocity, xw, xw,
-                                          steps=min(args.steps), solver=args.solver), device)
+            guard_oom(functools.partial(one_gradient, m, velocity, xw, xw,
+                                        steps=min(args.steps), solver=args.solver), device)
         del xw
         for steps in args.steps:
             x0 = torch.randn(batch, *shape, generator=gen).to(device=device, dtype=dtype)
@@ -213,24 +220,24 @@ def measure(args) -> dict:
             # of 40 steps at batch 32 would need 16 GB here.
             oracle = "checkpoint" if big else "reference"
             if args.fp64_check:
-                g64 = C.guard_oom(functools.partial(C.one_gradient, oracle, velocity64,
-                                                    x0.double(), target.double(), **kw), device)
+                g64 = guard_oom(functools.partial(one_gradient, oracle, velocity64,
+                                                  x0.double(), target.double(), **kw), device)
                 g64 = None if isinstance(g64, str) else g64
 
             mem, grads, calls = {}, {}, {}
             for method in todo:
-                out = C.guard_oom(functools.partial(_measured_call, method, velocity, net, x0,
-                                                    target, kw, device), device)
+                out = guard_oom(functools.partial(_measured_call, method, velocity, net, x0,
+                                                  target, kw, device), device)
                 if out != "oom":
                     grads[method], mem[method], calls[method] = out
                 del out
                 gc.collect()
 
-            fns = {m: functools.partial(C.one_gradient, m, velocity, x0, target, **kw)
+            fns = {m: functools.partial(one_gradient, m, velocity, x0, target, **kw)
                    for m in todo if m in mem}
             if "vjp" in fns:
-                fns["eval"] = functools.partial(C.one_eval, velocity, x0)
-            times = C.time_interleaved(
+                fns["eval"] = functools.partial(one_eval, velocity, x0)
+            times = time_interleaved(
                 fns,
                 device, repeats=args.repeats_big if big else args.repeats,
                 warmup=0 if big else args.warmup,
@@ -238,7 +245,7 @@ def measure(args) -> dict:
 
             def med(m):
                 t = times.get(m)
-                return C.median(t) if isinstance(t, list) and t else None
+                return median(t) if isinstance(t, list) and t else None
 
             if "vjp" in todo:
                 vjp_rows.append(_vjp_row(batch, med("vjp"), times.get("vjp"), mem.get("vjp"),
@@ -265,9 +272,9 @@ def measure(args) -> dict:
                     row[f"mem_ratio_vs_{suffix}"] = _ratio(row["peak_bytes"], bm.get("peak_bytes"))
                     row[f"rss_ratio_vs_{suffix}"] = _ratio(row["rss_peak_bytes"],
                                                            bm.get("rss_peak_bytes"))
-                row["rel_err_vs_ref"] = (C.rel_err(grads[method], grads["reference"])
+                row["rel_err_vs_ref"] = (rel_err(grads[method], grads["reference"])
                                          if "reference" in grads else None)
-                row["rel_err_vs_fp64"] = None if g64 is None else C.rel_err(grads[method], g64)
+                row["rel_err_vs_fp64"] = None if g64 is None else rel_err(grads[method], g64)
                 row["fp64_oracle"] = None if g64 is None else oracle
                 rows.append(row)
                 print(f"batch={batch:3d} steps={steps:3d} {method:22s} {t:8.4f} s  "
@@ -279,10 +286,10 @@ def measure(args) -> dict:
 
     payload = {
         "benchmark": "gradient",
-        "command": " ".join(["python", _script_path(), *sys.argv[1:]]),
+        "command": cmd or command(MODULE),
         "config": {
-            "net": args.config, "net_config": asdict(C.CONFIGS[args.config]),
-            "n_params": C.n_params(net), "state_shape": [None, *shape],
+            "net": args.config, "net_config": asdict(CONFIGS[args.config]),
+            "n_params": n_params(net), "state_shape": [None, *shape],
             "dtype": args.dtype, "solver": args.solver, "batch": args.batch,
             "steps": args.steps, "methods": args.methods, "repeats": args.repeats,
             "warmup": args.warmup, "big": args.big, "repeats_big": args.repeats_big,
@@ -323,7 +330,7 @@ def _ratio(a, b):
 
 
 def _mib(b):
-    return None if b is None else b / C.MIB
+    return None if b is None else b / MIB
 
 
 def goals(payload: dict) -> list[dict]:
@@ -371,11 +378,6 @@ def _peer_versions() -> dict:
         except (ImportError, AttributeError):
             out[mod] = None
     return out
-
-
-def _script_path() -> str:
-    here = Path(sys.argv[0]).resolve()
-    return str(here.relative_to(C.REPO_ROOT)) if here.is_relative_to(C.REPO_ROOT) else str(here)
 
 
 def _fmt(x, spec: str, none: str = "–") -> str:
@@ -534,7 +536,7 @@ def plot(payload: dict, meta: dict, stem: Path) -> list[Path]:
                    and v.get("status") == "ok"]
             vkey = {"peak_mib": "peak_mib", "rss_mib": "rss_peak_bytes", "time_s": "time_s"}[key]
             if vjp and vjp[0].get(vkey):
-                val = vjp[0][vkey] / (C.MIB if key == "rss_mib" else 1)
+                val = vjp[0][vkey] / (MIB if key == "rss_mib" else 1)
                 ax.axhline(val, color="grey", ls=":", lw=1, label="one network VJP")
             oom = sorted({(r["steps"], r["method"]) for r in payload["results"]
                           if r["status"] == "oom" and r["batch"] == batch})
@@ -581,13 +583,18 @@ def plot(payload: dict, meta: dict, stem: Path) -> list[Path]:
     return out
 
 
-def main(argv=None, **parse_kw) -> int:
-    args = parse_args(argv, **parse_kw)
+def main(argv=None, *, preset=(), module=MODULE, **parse_kw) -> int:
+    """Run (or with ``--render`` re-render) the benchmark. ``argv``: the options (default: the
+    command line); ``preset``: options parsed before them (the caller's defaults, left out of the
+    recorded command); ``module``: the script named in the usage line and the recorded command;
+    ``parse_kw``: ``description``, ``out_stem`` of :func:`parse_args`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args([*preset, *argv], module=module, **parse_kw)
     if args.render:
         doc = json.loads(args.render.read_text())
         meta = doc.pop("meta")
         doc["goals"] = goals(doc)
-        C.write_json(args.render, doc, meta["device"], meta)
+        write_json(args.render, doc, meta["device"], meta)
         args.render.with_suffix(".md").write_text(markdown(doc, meta))
         if args.plot:
             plot(doc, meta, args.render.with_suffix(""))
@@ -596,14 +603,14 @@ def main(argv=None, **parse_kw) -> int:
     # The memory measurements collect garbage before every call; once torch.utils.checkpoint has
     # imported torch._dynamo, a full collection walks ~10^6 objects (0.2 s). Freezing what exists
     # now (modules, the net) leaves the collections only the garbage of the calls.
-    C.import_peers()
+    import_peers()
     gc.freeze()
     try:
-        payload = measure(args)
+        payload = measure(args, command(module, argv))
     finally:
         gc.unfreeze()
-    meta = C.environment(args.device)
-    path = C.write_json(args.out, payload, args.device, meta)
+    meta = environment(args.device)
+    path = write_json(args.out, payload, args.device, meta)
     table = markdown(payload, meta)
     md = path.with_suffix(".md")
     md.write_text(table)
@@ -612,8 +619,7 @@ def main(argv=None, **parse_kw) -> int:
         written += plot(payload, meta, path.with_suffix(""))
     print()
     print(table)
-    print("wrote " + ", ".join(str(p.relative_to(C.REPO_ROOT)) if p.is_relative_to(C.REPO_ROOT)
-                               else str(p) for p in written))
+    print("wrote " + ", ".join(shown(p) for p in written))
     return 0
 
 

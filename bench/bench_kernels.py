@@ -3,10 +3,10 @@
 For each op, size and dtype it reports the median time, the achieved bandwidth (the op's minimum
 memory traffic divided by its time), that bandwidth as a fraction of the device's measured copy
 bandwidth (``clone`` of a large tensor, timed the same way), and the speedup over the eager
-reference (``dflow_fast._reference``, i.e. what the solver would run without the kernels).
+reference (``dflow_fast.ops.twins``, i.e. what the solver would run without the kernels).
 
-    python bench/bench_kernels.py --device cuda --dtypes float32 float16 bfloat16
-    python bench/bench_kernels.py --device cpu              # cpp (and torch) on the CPU
+    python -m bench.bench_kernels --device cuda --dtypes float32 float16 bfloat16
+    python -m bench.bench_kernels --device cpu              # cpp (and torch) on the CPU
 
 Goals (issue: compiled core): >= 80% of copy bandwidth on the elementwise updates, >= 2x over
 eager PyTorch on the multi-input fused updates. JSON + Markdown go to bench/results/.
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.lib import RESULTS_DIR, command, median, time_cpu, time_cuda, write_json
+from dflow_fast.ops import registry, twins
 
-from bench.common import RESULTS_DIR, median, time_cpu, time_cuda, write_json  # noqa: E402
-from dflow_fast import _reference, backends  # noqa: E402
+MODULE = "bench.bench_kernels"
 
 
 def min_bytes(op: str, n: int, m: int, b: int, esize: int) -> int:
@@ -71,14 +71,14 @@ def copy_bandwidth(device, dtype, n, measure) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", default=None)
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="elements per state (default: 2^16, 2^20, 2^24 on CUDA; 2^14, 2^18 CPU)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--history", type=int, default=10, help="L-BFGS m")
-    p.add_argument("--ops", nargs="+", default=list(backends.OP_NAMES))
+    p.add_argument("--ops", nargs="+", default=list(registry.OP_NAMES))
     p.add_argument("--backends", nargs="+", default=None)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     impls = {}
     for name in names:
         try:
-            impls[name] = backends.resolve(name, device)
-        except (backends.BackendUnavailable, ValueError) as e:
+            impls[name] = registry.resolve(name, device)
+        except (registry.BackendUnavailable, ValueError) as e:
             print(f"skipping backend {name}: {e}")
     measure = timer(device, args.repeats)
     rows = []
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         for n in sizes:
             for op in args.ops:
                 inputs = make_inputs(op, n, args.history, args.batch, dtype, device)
-                eager = getattr(_reference, op)
+                eager = getattr(twins, op)
                 t_eager = measure(lambda: eager(*inputs))
                 traffic = min_bytes(op, n, args.history, args.batch, inputs[0].element_size())
                 for name, ops in impls.items():
@@ -118,9 +118,7 @@ def main(argv=None) -> int:
                                  "copy_bandwidth_GBps": copy_bw / 1e9,
                                  "fraction_of_copy": bw / copy_bw})
     out = Path(args.out) if args.out else RESULTS_DIR / f"kernels_{device.type}.json"
-    write_json(out, {"command": " ".join(["python", "bench/bench_kernels.py", *(argv or
-                                                                                 sys.argv[1:])]),
-                     "rows": rows}, device)
+    write_json(out, {"command": command(MODULE, argv), "rows": rows}, device)
     table = to_markdown(rows)
     out.with_suffix(".md").write_text(table)
     print(table)

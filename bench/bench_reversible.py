@@ -13,41 +13,39 @@ Four sections, each a table printed and written to ``bench/results/reversible_<d
   ``||x1 - x1_midpoint(N)|| / ||x1_midpoint(N)||`` against the plain midpoint sampler at the same N,
   with the velocity evaluations (NFE) per solve. The coupled solvers at several couplings lambda.
 - ``drift`` (float32, and bfloat16 with ``--drift-dtypes``): the relative distance between x0 and
-  the x0 rebuilt by the inverse sweep (``dflow_fast.reversible.reconstruction_drift``; max and
-  median over the batch) across N and lambda, against the warning tolerance of the dtype.
+  the x0 rebuilt by the inverse sweep (``dflow_fast.gradients.reversible.reconstruction_drift``;
+  max and median over the batch) across N and lambda, against the warning tolerance of the dtype.
 - ``gradient`` (float32): one gradient d cost(x1)/d x0 (cost = per-sample MSE to a random target,
   summed) by backprop, the stored adjoint and the reversible sweep, per solver and N: median time
   over ``--repeats`` round-robin rounds, peak and after-forward bytes saved for backward
-  (``bench.common.SavedBytesMeter``: by storage, live over forward + backward, weights excluded),
+  (``bench.lib.SavedBytesMeter``: by storage, live over forward + backward, weights excluded),
   velocity calls, and the gradient's distance to backprop's.
 
 Run from the repository root (about 35 minutes on one CPU thread; the float64 reference solve and
 the six couplings dominate)::
 
-    python bench/bench_reversible.py
-    python bench/bench_reversible.py --sections drift --drift-dtypes float32 bfloat16
-    python bench/bench_reversible.py --device cuda --batch 64        # on a GPU machine
+    python -m bench.bench_reversible
+    python -m bench.bench_reversible --sections drift --drift-dtypes float32 bfloat16
+    python -m bench.bench_reversible --device cuda --batch 64        # on a GPU machine
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
+from bench.lib import (RESULTS_DIR, SavedBytesMeter, command, environment, rel_err, shown,
+                       time_interleaved, write_json)
+import dflow_fast as df
+from dflow_fast.core.plan import DEFAULT_COUPLING, SOLVERS
+from dflow_fast.gradients.reversible import drift_tolerance, reconstruction_drift
+from dflow_fast.models import load_pretrained
 
-import dflow_fast as df  # noqa: E402
-from bench.common import (RESULTS_DIR, SavedBytesMeter, environment, time_interleaved,  # noqa: E402
-                          write_json)
-from dflow_fast.models import load_pretrained  # noqa: E402
-from dflow_fast.reversible import drift_tolerance, reconstruction_drift  # noqa: E402
-from dflow_fast.solvers import DEFAULT_COUPLING, SOLVERS  # noqa: E402
-
+MODULE = "bench.bench_reversible"
 COUPLED = ("reversible_euler", "reversible_midpoint")
 
 
@@ -58,11 +56,6 @@ def checkpoint_info() -> dict:
     path = WEIGHTS_DIR / PRETRAINED["fashion-mnist"]
     return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "mtime": path.stat().st_mtime}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 def nfe(solver: str, n: int) -> int:
@@ -93,8 +86,8 @@ STABILITY_Z = [-1.0, -0.5, -0.2, -0.05, 0.2]
 def step_matrix(solver: str, lam, z: float) -> torch.Tensor:
     """The 2x2 map (y, w) -> (y', w') of one step of size 1 on dx/dt = z x, built column by column
     with the library's sweep (float64)."""
-    from dflow_fast.ode import make_plan
-    from dflow_fast.reversible import sweep
+    from dflow_fast.core.plan import make_plan
+    from dflow_fast.core.reversible_steps import sweep
     e = torch.eye(2, dtype=torch.float64)
     plan = make_plan(solver, 1, 0.0, 1.0, None, e, "torch", coupling=lam)
     cols = [torch.stack(sweep(lambda t, x: z * x, plan, 0, 1, e[i:i + 1, :1], e[i:i + 1, 1:]))
@@ -140,15 +133,15 @@ def accuracy(args, device) -> dict:
         ref = df.solve(model, x0, steps=args.ref_steps, solver="midpoint")
         half = df.solve(model, x0, steps=args.ref_steps // 2, solver="midpoint")
         # midpoint is second order: err(half) ~ 4 err(ref), so err(ref) ~ |half - ref| / 3
-        ref_err = rel(half, ref) / 3
+        ref_err = rel_err(half, ref) / 3
         rows = []
         for n in args.steps:
             plain = df.solve(model, x0, steps=n, solver="midpoint")
             for solver, lam in configs(args.couplings):
                 x1 = df.solve(model, x0, steps=n, solver=solver, coupling=lam)
                 rows.append({"solver": solver, "coupling": lam, "steps": n, "nfe": nfe(solver, n),
-                             "err_vs_reference": rel(x1, ref),
-                             "dist_to_midpoint_same_steps": rel(x1, plain)})
+                             "err_vs_reference": rel_err(x1, ref),
+                             "dist_to_midpoint_same_steps": rel_err(x1, plain)})
     return {"reference": {"solver": "midpoint", "steps": args.ref_steps,
                           "estimated_rel_error": ref_err},
             "dtype": "float64", "batch": args.batch, "rows": rows,
@@ -269,7 +262,7 @@ def gradient(args, device) -> dict:
                 med = statistics.median(times[m])
                 rows.append({"solver": solver, "method": m, "steps": n, "times_s": times[m],
                              "median_s": med, **meas[m],
-                             "rel_err_vs_backprop": rel(grads[m], grads["backprop"])})
+                             "rel_err_vs_backprop": rel_err(grads[m], grads["backprop"])})
     for r in rows:
         bp = next(b for b in rows if b["solver"] == r["solver"] and b["steps"] == r["steps"]
                   and b["method"] == "backprop")
@@ -297,7 +290,7 @@ def gradient_table(res: dict) -> str:
 # ---- main ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--sections", nargs="+", default=["stability", "accuracy", "drift", "gradient"],
                    choices=["stability", "accuracy", "drift", "gradient"])
@@ -321,8 +314,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else RESULTS_DIR / f"reversible_{device.type}.json"
-    cli = sys.argv[1:] if argv is None else argv
-    payload = {"command": "python bench/bench_reversible.py " + " ".join(cli),
+    payload = {"command": command(MODULE, argv),
                "default_coupling": DEFAULT_COUPLING}
     if out.exists():  # keep the sections not rerun this time
         import json
@@ -356,7 +348,7 @@ def main(argv=None) -> None:
     print(text)
     write_json(out, payload, device, meta=environment(device))
     out.with_suffix(".md").write_text(text + "\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"wrote {shown(out)} and {shown(out.with_suffix('.md'))}")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@
 #   kernels    kernel microbenchmarks (bandwidth vs a copy, speedup vs eager PyTorch)
 #   gradient   one gradient through the 35M-parameter 64x64 U-Net: every mode and backend of
 #              dflow_fast (backprop, adjoint per backend, auto, reversible) against the reference,
-#              torchdiffeq, flow_matching and torch.utils.checkpoint (bench_peers.py)
-#   budget     gradient="auto" across memory budgets (bench_budget.py)
+#              torchdiffeq, flow_matching and torch.utils.checkpoint (bench.bench_peers)
+#   budget     gradient="auto" across memory budgets (bench.bench_budget)
 #   drift      reversible reconstruction drift in fp32/bf16 on CUDA
 #   e2e        D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)
 #   suite      the pytest-benchmark suite's gpu cases
 #   profile    where one gradient's time goes per method (torch.profiler: device busy/idle,
-#              launches, syncs, mallocs; bench/profile_gradient.py); PROFILE_ARGS
+#              launches, syncs, mallocs; bench.profile_gradient); PROFILE_ARGS
 #   demo       the Fashion-MNIST demo (dflow-fast demo) on the GPU; DEMO_ARGS e.g. "--n 16 --dtype
 #              float64 --tasks inpaint_box"; report and pictures in $RESULTS/demo
 #
@@ -74,40 +74,40 @@ build() {
   readelf -d "$so" | grep -q 'libstdc++' || echo "WARNING: $so has a static copy of libstdc++"
   $PY -c "import json, dflow_fast; print(json.dumps(dflow_fast.build_info(), indent=1))" \
     | tee "$RESULTS/build_info.json"
-  $PY -c "import dflow_fast._ext as e, sys; sys.exit(0 if e.has_cuda() else 1)" \
+  $PY -c "import dflow_fast.ops.ext as e, sys; sys.exit(0 if e.has_cuda() else 1)" \
     || { echo "dflow_fast._C has no CUDA kernels"; return 1; }
   if [ -n "$OUT" ]; then cp "$so" "$OUT/"; fi
 }
 parity() {
   set -o pipefail
-  $PY -m pytest tests/test_ops_cuda.py tests/test_ops_triton.py tests/test_ops_cpp.py \
-      tests/test_solve.py tests/test_reversible.py tests/test_auto.py \
+  $PY -m pytest tests/ops/test_ops_cuda.py tests/ops/test_ops_triton.py tests/ops/test_ops_cpp.py \
+      tests/test_solve.py tests/gradients/test_reversible.py tests/gradients/test_auto.py \
       -q -p no:cacheprovider --maxfail=10 -rs --junitxml="$RESULTS/parity.xml" 2>&1 \
       | tee "$RESULTS/parity.txt" | tail -30
 }
 kernels() {
   set -o pipefail
-  $PY bench/bench_kernels.py --device cuda --out "$RESULTS/kernels_cuda.json" 2>&1 | tail -60
+  $PY -m bench.bench_kernels --device cuda --out "$RESULTS/kernels_cuda.json" 2>&1 | tail -60
 }
 # One gradient through the 35M-parameter 64x64 U-Net: every mode and backend of dflow_fast and the
-# peers (bench_peers.py presets: batch 1 8 32, steps 5 10 20 40); GRADIENT_ARGS override them.
+# peers (bench.bench_peers presets: batch 1 8 32, steps 5 10 20 40); GRADIENT_ARGS override them.
 gradient() {
   set -o pipefail
-  $PY bench/bench_peers.py --device cuda --config gpu --out "$RESULTS/${GRADIENT_NAME:-peers_cuda}.json" \
+  $PY -m bench.bench_peers --device cuda --config gpu --out "$RESULTS/${GRADIENT_NAME:-peers_cuda}.json" \
       ${GRADIENT_ARGS:-} 2>&1 | tail -60
 }
 budget() {
   set -o pipefail
-  $PY bench/bench_budget.py --device cuda --out "$RESULTS/budget_cuda.json" ${BUDGET_ARGS:-} 2>&1 | tail -30
+  $PY -m bench.bench_budget --device cuda --out "$RESULTS/budget_cuda.json" ${BUDGET_ARGS:-} 2>&1 | tail -30
 }
 drift() {
   set -o pipefail
-  $PY bench/bench_reversible.py --device cuda --sections drift --drift-dtypes float32 bfloat16 \
+  $PY -m bench.bench_reversible --device cuda --sections drift --drift-dtypes float32 bfloat16 \
       --out "$RESULTS/reversible_cuda.json" 2>&1 | tail -30
 }
 e2e() {
   set -o pipefail
-  $PY bench/bench_e2e.py --device cuda --out "$RESULTS/e2e_cuda.json" ${E2E_ARGS:-} 2>&1 | tail -25
+  $PY -m bench.bench_e2e --device cuda --out "$RESULTS/e2e_cuda.json" ${E2E_ARGS:-} 2>&1 | tail -25
 }
 suite() {
   set -o pipefail
@@ -116,11 +116,11 @@ suite() {
 }
 profile() {
   set -o pipefail
-  $PY bench/profile_gradient.py --device cuda --out "$RESULTS/profile_cuda.json" ${PROFILE_ARGS:-} \
+  $PY -m bench.profile_gradient --device cuda --out "$RESULTS/profile_cuda.json" ${PROFILE_ARGS:-} \
       2>&1 | grep -v '^USDT' | tail -30
 }
 demo() {  # tqdm's bar goes to the log; the report is rewritten after every task
-  $PY -m dflow_fast.cli demo --device cuda --out "$RESULTS/demo" ${DEMO_ARGS:-} \
+  $PY -m dflow_fast.apps.cli demo --device cuda --out "$RESULTS/demo" ${DEMO_ARGS:-} \
       >"$RESULTS/demo.log" 2>&1; local rc=$?
   tr '\r' '\n' <"$RESULTS/demo.log" | grep -v '^ *$' | tail -4
   cat "$RESULTS/demo/report.md" 2>/dev/null

@@ -8,13 +8,13 @@ actually spent in kernels, host time, kernel launches, host-device syncs and mem
 ``cudaMalloc``/``cudaFree`` calls (the caching allocator growing or shrinking) per gradient.
 
 Per method: the median of ``--repeats`` un-profiled timed rounds (round-robin, as in
-bench_gradient.py), then one profiled call after ``--warmup`` calls. Reported: wall time of the
+bench.bench_gradient), then one profiled call after ``--warmup`` calls. Reported: wall time of the
 profiled call, device busy time (sum of the kernels' self device time; CUDA only) and the idle
 fraction of the wall time, host self time of all ops, counts of launches / syncs / memcpys /
 mallocs / frees, and the top ops by self device (CUDA) or host (CPU) time.
 
-    python bench/profile_gradient.py --device cuda             # 35M "gpu" net, batch 8, 10 steps
-    python bench/profile_gradient.py --config tiny --batch 2   # CPU smoke run
+    python -m bench.profile_gradient --device cuda             # 35M "gpu" net, batch 8, 10 steps
+    python -m bench.profile_gradient --config tiny --batch 2   # CPU smoke run
 
 Writes ``bench/results/profile_<device>.{json,md}``.
 """
@@ -28,8 +28,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, bench package
-from bench import common as C  # noqa: E402
+from bench.lib import (RESULTS_DIR, add_net_options, available_methods, build_velocity,
+                       check_net_options, command, environment, median, n_params, one_gradient,
+                       shown, time_interleaved, write_json)
+
+MODULE = "bench.profile_gradient"
 
 #: host-side CUDA runtime/driver calls counted per gradient, by kind
 CALLS = {"launches": ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
@@ -41,9 +44,10 @@ CALLS = {"launches": ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_net_options(p, batch=8, steps=10)
+    add_net_options(p, batch=8, steps=10)
     p.add_argument("--methods", nargs="+",
                    help="default: backprop and the adjoint on every backend of the device")
     p.add_argument("--repeats", type=int, default=5, help="un-profiled timed rounds")
@@ -53,12 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path,
                    help="JSON path (default bench/results/profile_<device>.json)")
     a = p.parse_args(argv)
-    C.check_net_options(p, a)
+    check_net_options(p, a)
     if min(a.batch, a.steps, a.repeats, a.top) < 1 or a.warmup < 0:
         p.error("batch, steps, repeats and top must be >= 1, warmup >= 0")
-    a.methods = a.methods or [m for m in C.available_methods(a.device)
+    a.methods = a.methods or [m for m in available_methods(a.device)
                               if m == "backprop" or m.startswith("adjoint-")]
-    a.out = a.out or C.RESULTS_DIR / f"profile_{a.device}.json"
+    a.out = a.out or RESULTS_DIR / f"profile_{a.device}.json"
     return a
 
 
@@ -95,23 +99,23 @@ def profile_one(fn, device: torch.device, warmup: int, top: int) -> dict:
             **counts, "top_ops": top_ops}
 
 
-def measure(args) -> dict:
+def measure(args, cmd: str | None = None) -> dict:
     device = torch.device(args.device)
-    net, shape = C.build_velocity(args.config, device=device, seed=args.seed)
+    net, shape = build_velocity(args.config, device=device, seed=args.seed)
     import dflow_fast
     velocity = dflow_fast.ModelVelocity(net)
     gen = torch.Generator().manual_seed(args.seed)
     x0 = torch.randn(args.batch, *shape, generator=gen).to(device)
     target = torch.randn(args.batch, *shape, generator=gen).to(device)
-    fns = {m: (lambda m=m: C.one_gradient(m, velocity, x0, target, steps=args.steps,
-                                          solver="midpoint")) for m in args.methods}
-    times = C.time_interleaved(fns, device, repeats=args.repeats, warmup=1)
+    fns = {m: (lambda m=m: one_gradient(m, velocity, x0, target, steps=args.steps,
+                                        solver="midpoint")) for m in args.methods}
+    times = time_interleaved(fns, device, repeats=args.repeats, warmup=1)
     rows = []
     for m in args.methods:
         t = times[m]
         row = {"method": m, "status": "oom" if t == "oom" else "ok"}
         if t != "oom":
-            row.update(time_s=C.median(t), times_s=t,
+            row.update(time_s=median(t), times_s=t,
                        **profile_one(fns[m], device, args.warmup, args.top))
         rows.append(row)
         print(f"{m:16s} {row.get('time_s', float('nan')):8.4f} s", file=sys.stderr, flush=True)
@@ -120,8 +124,8 @@ def measure(args) -> dict:
         if base and r["status"] == "ok":
             r["time_ratio_vs_backprop"] = r["time_s"] / base["time_s"]
     return {"benchmark": "profile_gradient",
-            "command": " ".join(["python", "bench/profile_gradient.py", *sys.argv[1:]]),
-            "config": {"net": args.config, "n_params": C.n_params(net),
+            "command": cmd or command(MODULE),
+            "config": {"net": args.config, "n_params": n_params(net),
                        "state_shape": [None, *shape], "batch": args.batch, "steps": args.steps,
                        "solver": "midpoint", "methods": args.methods, "repeats": args.repeats,
                        "warmup": args.warmup, "seed": args.seed,
@@ -164,13 +168,13 @@ def _fmt(x, spec: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    payload = measure(args)
-    meta = C.environment(args.device)
-    path = C.write_json(args.out, payload, args.device, meta)
+    payload = measure(args, command(MODULE, argv))
+    meta = environment(args.device)
+    path = write_json(args.out, payload, args.device, meta)
     md = path.with_suffix(".md")
     md.write_text(markdown(payload, meta))
     print(md.read_text())
-    print(f"wrote {path}, {md}")
+    print(f"wrote {shown(path)}, {shown(md)}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Smoke benchmarks: one gradient d cost(x1)/d x0 per method on tiny CPU problems.
 
-Timing is recorded by pytest-benchmark but never asserted (DESIGN.md section 7); what is asserted
-is that every method's gradient matches ``dflow_fast.reference`` and that the memory meter sees
-what the adjoint is supposed to keep. Cases marked ``gpu`` use the 35M-parameter net and skip
+Timing is recorded by pytest-benchmark but never asserted (docs/design.md section 6); what is
+asserted is that every method's gradient matches ``dflow_fast.reference`` and that the memory meter
+sees what the adjoint is supposed to keep. Cases marked ``gpu`` use the 35M-parameter net and skip
 without CUDA.
 
     python -m pytest bench/test_bench_smoke.py -q --benchmark-disable   # parity only
@@ -14,27 +14,19 @@ import pytest
 import torch
 
 import dflow_fast
-from bench import common as C
+from bench.lib import (METHODS, build_velocity, guard_oom, one_gradient, rel_err,
+                       saved_bytes_gradient)
 
 STEPS, BATCH = 4, 2
 # float32 gradients through a few network evaluations: rounding is ~1e-7 relative (the float64
 # column of bench_gradient.py); 1e-5 leaves room for reordered sums without hiding a wrong formula.
 TOL_F32 = 1e-5
-
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Timings of tiny problems are dominated by thread hand-offs; one thread is steadier.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread per module: bench/conftest.py's autouse fixture.
 
 
 def _problem(config: str, batch: int, device="cpu", dtype=torch.float32, seed: int = 0):
     """(net, velocity, x0 [B, *S], target [B, *S]) with fixed seeds."""
-    net, shape = C.build_velocity(config, device=device, dtype=dtype, seed=seed)
+    net, shape = build_velocity(config, device=device, dtype=dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     x0 = torch.randn(batch, *shape, generator=gen, dtype=torch.float64)
     target = torch.randn(batch, *shape, generator=gen, dtype=torch.float64)
@@ -43,21 +35,21 @@ def _problem(config: str, batch: int, device="cpu", dtype=torch.float32, seed: i
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
-@pytest.mark.parametrize("method", C.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_gradient_cpu(benchmark, method, solver):
     net, velocity, x0, target = _problem("tiny", BATCH)
     kw = dict(steps=STEPS, solver=solver)
-    g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
+    g_ref = one_gradient("reference", velocity, x0, target, **kw)
     benchmark.group = f"gradient-cpu-{solver}"
     benchmark.extra_info.update(steps=STEPS, batch=BATCH, net="tiny", method=method)
-    g = benchmark.pedantic(C.one_gradient, args=(method, velocity, x0, target), kwargs=kw,
+    g = benchmark.pedantic(one_gradient, args=(method, velocity, x0, target), kwargs=kw,
                            rounds=5, warmup_rounds=1, iterations=1)
     assert g.shape == x0.shape and bool(torch.isfinite(g).all())
     # The net must actually bend the flow, or parity would hold for any solver gradient: the
     # gradient of the cost at x1 = x0 (zero velocity) has to differ clearly from g.
     g_identity = 2 * (x0 - target) / x0[0].numel()
-    assert C.rel_err(g_identity, g_ref) > 1e-2
-    assert C.rel_err(g, g_ref) <= TOL_F32
+    assert rel_err(g_identity, g_ref) > 1e-2
+    assert rel_err(g, g_ref) <= TOL_F32
 
 
 @pytest.mark.parametrize("method", ["backprop", "adjoint"])
@@ -65,8 +57,8 @@ def test_gradient_float64_parity(method):
     """In float64 the schemes agree with the reference to rounding of float64."""
     net, velocity, x0, target = _problem("tiny", BATCH, dtype=torch.float64)
     kw = dict(steps=STEPS, solver="midpoint")
-    g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
-    assert C.rel_err(C.one_gradient(method, velocity, x0, target, **kw), g_ref) <= 1e-12
+    g_ref = one_gradient("reference", velocity, x0, target, **kw)
+    assert rel_err(one_gradient(method, velocity, x0, target, **kw), g_ref) <= 1e-12
 
 
 def test_saved_bytes_adjoint_keeps_a_fixed_number_of_states_per_step():
@@ -77,8 +69,8 @@ def test_saved_bytes_adjoint_keeps_a_fixed_number_of_states_per_step():
     meters = {}
     for steps in (2, 4):
         for method in ("reference", "adjoint"):
-            g, meters[method, steps] = C.saved_bytes_gradient(method, velocity, net, x0, target,
-                                                              steps=steps, solver="midpoint")
+            g, meters[method, steps] = saved_bytes_gradient(method, velocity, net, x0, target,
+                                                            steps=steps, solver="midpoint")
             assert meters[method, steps].live == 0  # everything saved was released by backward
     # after forward: N states and their first-stage velocities (midpoint) + the cost's saved
     # (x1 - target)
@@ -94,8 +86,8 @@ def test_saved_bytes_adjoint_keeps_a_fixed_number_of_states_per_step():
 def test_guard_oom_records_oom():
     def boom():
         raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
-    assert C.guard_oom(boom) == "oom"
+    assert guard_oom(boom) == "oom"
     with pytest.raises(ValueError):
-        C.guard_oom(lambda: (_ for _ in ()).throw(ValueError("not an OOM")))
+        guard_oom(lambda: (_ for _ in ()).throw(ValueError("not an OOM")))
 
 # The GPU gradient cases live in bench/test_bench_suite.py (test_gradient_method_gpu).

@@ -1,11 +1,11 @@
 """Benchmark suite (pytest-benchmark): the gradient methods incl. the peers, the batched optimize vs
 the per-image loop, and the benchmark scripts themselves, on CPU-sized problems.
 
-What is asserted is correctness, never timing (DESIGN.md section 7): every exact method's gradient
-equals the reference's, torchdiffeq's continuous adjoints are close but measurably not exact, the
-batched optimize reaches the per-image loop's final costs, the scripts write their files. Peers
-(torchdiffeq, flow_matching: the ``bench`` extra) are skipped, with the reason, when not
-installed. Cases marked ``gpu`` are sized for a CUDA GPU and skip without one.
+What is asserted is correctness, never timing (docs/design.md section 6): every exact method's
+gradient equals the reference's, torchdiffeq's continuous adjoints are close but measurably not
+exact, the batched optimize reaches the per-image loop's final costs, the scripts write their files
+and run as modules. Peers (torchdiffeq, flow_matching: the ``bench`` extra) are skipped, with the
+reason, when not installed. Cases marked ``gpu`` are sized for a CUDA GPU and skip without one.
 
     python -m pytest bench/test_bench_suite.py -q --benchmark-disable      # CI: checks only
     python -m pytest bench/test_bench_suite.py -q --benchmark-json=bench/results/suite_cpu.json
@@ -14,6 +14,7 @@ installed. Cases marked ``gpu`` are sized for a CUDA GPU and skip without one.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 
@@ -22,7 +23,8 @@ import torch
 
 import dflow_fast
 from bench import bench_budget, bench_e2e, bench_gradient, profile_gradient
-from bench import common as C
+from bench.lib import (REPO_ROOT, RssPeak, available_methods, build_velocity, guard_oom,
+                       mse_cost, one_gradient, peer_available, rel_err, saved_bytes_gradient)
 
 STEPS, BATCH = 4, 2
 TOL_F32 = 1e-5  # as in test_bench_smoke.py: float32 rounding through a few network evaluations
@@ -35,29 +37,22 @@ APPROX = ("torchdiffeq-adjoint", "torchdiffeq-adjoint-ss")  # continuous adjoint
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                    reason="CUDA is not available: gpu benchmark cases need a GPU")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread per module: bench/conftest.py's autouse fixture.
 
 
 def _skip_unavailable(method: str, device: str = "cpu") -> None:
-    why = C.peer_available(method)
+    why = peer_available(method)
     if why:
         pytest.skip(why)
     _, _, backend = method.partition("-")
-    if method.startswith("adjoint-") and method not in C.available_methods(device):
+    if method.startswith("adjoint-") and method not in available_methods(device):
         built = dflow_fast.build_info()["backends"]
         pytest.skip(f"backend {backend!r} is not available on {device} in this build "
                     f"(dflow_fast.build_info()['backends'] = {built})")
 
 
 def _problem(config: str, batch: int, device="cpu", seed: int = 0):
-    net, shape = C.build_velocity(config, device=device, seed=seed)
+    net, shape = build_velocity(config, device=device, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     x0 = torch.randn(batch, *shape, generator=gen).to(device)
     target = torch.randn(batch, *shape, generator=gen).to(device)
@@ -70,7 +65,7 @@ def _reversible_backprop_gradient(velocity, x0, target, steps):
     x = x0.detach().requires_grad_(True)
     x1 = dflow_fast.solve(velocity, x, steps=steps, solver="reversible_midpoint",
                           gradient="backprop")
-    return torch.autograd.grad(C.mse_cost(x1, target).sum(), x)[0]
+    return torch.autograd.grad(mse_cost(x1, target).sum(), x)[0]
 
 
 @pytest.mark.parametrize("method", EXACT + APPROX + REVERSIBLE)
@@ -82,13 +77,13 @@ def test_gradient_method_cpu(benchmark, method):
     if method in REVERSIBLE:
         g_ref = _reversible_backprop_gradient(velocity, x0, target, STEPS)
     else:
-        g_ref = C.one_gradient("reference", velocity, x0, target, **kw)
+        g_ref = one_gradient("reference", velocity, x0, target, **kw)
     benchmark.group = "suite-gradient-cpu-midpoint"
     benchmark.extra_info.update(steps=STEPS, batch=BATCH, net="tiny", method=method)
-    g = benchmark.pedantic(C.one_gradient, args=(method, velocity, x0, target), kwargs=kw,
+    g = benchmark.pedantic(one_gradient, args=(method, velocity, x0, target), kwargs=kw,
                            rounds=5, warmup_rounds=1, iterations=1)
     assert g.shape == x0.shape and bool(torch.isfinite(g).all())
-    err = C.rel_err(g, g_ref)
+    err = rel_err(g, g_ref)
     benchmark.extra_info["rel_err_vs_ref"] = err
     if method in EXACT + REVERSIBLE:
         assert err <= TOL_F32
@@ -109,26 +104,26 @@ def test_saved_bytes_do_not_grow_with_steps(method):
     state = x0.numel() * x0.element_size()
     peaks = {}
     for steps in (2, 8):
-        _, meter = C.saved_bytes_gradient(method, velocity, net, x0, target, steps=steps,
-                                          solver="midpoint")
+        _, meter = saved_bytes_gradient(method, velocity, net, x0, target, steps=steps,
+                                        solver="midpoint")
         assert meter.live == 0
         peaks[steps] = meter.peak
     assert peaks[8] - peaks[2] <= 13 * state  # dflow_fast's midpoint: 2 per step
 
 
 def test_rss_meter_sees_a_large_allocation():
-    if not C.RssPeak.available():
+    if not RssPeak.available():
         pytest.skip("RSS peak needs Linux /proc/self/clear_refs")
     n = 64 * 2 ** 20
 
     def alloc():
         return torch.ones(n // 4).sum()
-    _, peak = C.RssPeak.measure(alloc)
+    _, peak = RssPeak.measure(alloc)
     assert peak >= 0.9 * n
 
 
 def test_available_methods_lists_every_cpu_method():
-    methods = C.available_methods("cpu")
+    methods = available_methods("cpu")
     assert methods[:2] == ["reference", "backprop"] and "adjoint-torch" in methods
     assert {"auto", "auto-0", "reversible"} <= set(methods)
     assert "checkpoint" in methods and methods[-1] == "vjp"
@@ -145,11 +140,11 @@ def _e2e_args(**kw):
 def test_batched_optimize_matches_per_image_loop(benchmark, task):
     """dflow_fast.optimize on a batch of 4 reaches the final costs of the paper's per-image loop
     (dflow_fast.reference.optimize) with the same budget: bench_e2e's "equal final cost"."""
-    from dflow_fast import problems
+    from dflow_fast.tasks import make as make_task
 
     net, velocity, _, _ = _problem("tiny", 1)
     truth = torch.tanh(torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)))
-    p = problems.make(task, truth, sigma=0.05, generator=torch.Generator().manual_seed(4))
+    p = make_task(task, truth, sigma=0.05, generator=torch.Generator().manual_seed(4))
     x0 = dflow_fast.backward_blend(velocity, p.guess, alpha=0.1, steps=3,
                                    generator=torch.Generator().manual_seed(5))
     args = _e2e_args()
@@ -171,11 +166,24 @@ def test_batched_optimize_matches_per_image_loop(benchmark, task):
 
 # ----------------------------------------------------------------------------- the scripts
 
-def test_bench_budget_script_spans_adjoint_to_backprop(tmp_path, monkeypatch):
+SCRIPTS = ("bench_budget", "bench_e2e", "bench_gradient", "bench_kernels", "bench_peers",
+           "bench_reversible", "profile_gradient")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_as_a_module(script):
+    """``python -m bench.<script> --help`` from the repository root: the way the scripts are run,
+    with no sys.path edits of their own."""
+    done = subprocess.run([sys.executable, "-m", f"bench.{script}", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m bench.{script} ")
+
+
+def test_bench_budget_script_spans_adjoint_to_backprop(tmp_path):
     """bench_budget on the tiny net: the budget-0 row keeps the adjoint's saved bytes, the
     all-graph row backprop's, every midpoint row's gradient equals backprop's; files written."""
     out = tmp_path / "budget.json"
-    monkeypatch.setattr(sys, "argv", ["bench_budget.py"])
     bench_budget.main(["--config", "tiny", "--batch", "2", "--steps", "4", "--repeats", "1",
                        "--fractions", "0", "0.5", "1", "--out", str(out)])
     rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
@@ -269,25 +277,25 @@ def test_gradient_method_gpu(benchmark, method):
     net, velocity, x0, target = _problem("gpu", 8, device=device)
     kw = dict(steps=10, solver="midpoint")
     if method in REVERSIBLE:
-        g_ref = C.guard_oom(lambda: _reversible_backprop_gradient(velocity, x0, target, 10),
-                            device)
+        g_ref = guard_oom(lambda: _reversible_backprop_gradient(velocity, x0, target, 10),
+                          device)
     else:
-        g_ref = C.guard_oom(lambda: C.one_gradient("reference", velocity, x0, target, **kw),
-                            device)
+        g_ref = guard_oom(lambda: one_gradient("reference", velocity, x0, target, **kw),
+                          device)
     if isinstance(g_ref, str):
         pytest.skip("reference gradient ran out of GPU memory")
     benchmark.group = "suite-gradient-gpu-midpoint"
     benchmark.extra_info.update(steps=10, batch=8, net="gpu", method=method)
 
     def run():
-        g = C.one_gradient(method, velocity, x0, target, **kw)
+        g = one_gradient(method, velocity, x0, target, **kw)
         torch.cuda.synchronize(device)
         return g
-    g = C.guard_oom(lambda: benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1),
-                    device)
+    g = guard_oom(lambda: benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1),
+                  device)
     if isinstance(g, str):
         pytest.skip(f"{method} ran out of GPU memory")
-    err = C.rel_err(g, g_ref)
+    err = rel_err(g, g_ref)
     assert err <= 3e-4 if method in EXACT + REVERSIBLE else 1e-5 < err < 0.1
 
 
@@ -295,13 +303,13 @@ def test_gradient_method_gpu(benchmark, method):
 @requires_cuda
 def test_batched_optimize_matches_per_image_loop_gpu(benchmark):
     """Batch 32 on the 35M-parameter net vs the per-image reference loop: equal final cost."""
-    from dflow_fast import problems
+    from dflow_fast.tasks import make as make_task
 
     device = torch.device("cuda")
     net, velocity, _, _ = _problem("gpu", 1, device=device)
     truth = torch.tanh(torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
     truth = truth.to(device)
-    p = problems.make("inpaint_box", truth, sigma=0.05, generator=torch.Generator().manual_seed(4))
+    p = make_task("inpaint_box", truth, sigma=0.05, generator=torch.Generator().manual_seed(4))
     x0 = dflow_fast.backward_blend(velocity, p.guess, alpha=0.1, steps=6,
                                    generator=torch.Generator(device).manual_seed(5))
     args = types.SimpleNamespace(steps=6, max_iter=10, time="wall")
