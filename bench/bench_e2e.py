@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from bench.lib import RESULTS_DIR, command, environment, n_params, shown, write_json
-from dflow_fast.optimize import default_max_eval
+from dflow_fast.optim.lbfgs import default_max_eval
 
 MODULE = "bench.bench_e2e"
 

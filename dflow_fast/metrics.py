@@ -1,8 +1,9 @@
 """Image-quality metrics for the demo and the benchmarks.
 
-PSNR and SSIM come from torchmetrics (per sample, images in [-1, 1], data range 2). The FID here is
-computed on the features of the in-repo Fashion-MNIST classifier, not on Inception features (which
-need downloaded weights): label it "classifier-feature FID" wherever it appears.
+PSNR and SSIM come from torchmetrics (per sample, images in [-1, 1], data range 2). The
+Fréchet distance is applied to the features of the in-repo Fashion-MNIST classifier
+(scripts/make_model_card.py), not to Inception features (which need downloaded weights): label it
+"classifier-feature FID" wherever it appears.
 """
 from __future__ import annotations
 
@@ -45,14 +46,6 @@ def frechet_distance(feat_a: Tensor, feat_b: Tensor) -> float:
     sa = (va * ea.clamp(min=0).sqrt()) @ va.T
     mid = torch.linalg.eigvalsh(sa @ cb @ sa).clamp(min=0).sqrt().sum()
     return float((mu_a - mu_b).pow(2).sum() + ca.trace() + cb.trace() - 2 * mid)
-
-
-def classifier_fid(classifier, x: Tensor, ref: Tensor, batch: int = 500) -> float:
-    """Classifier-feature FID (NOT Inception FID) between image sets x and ref [N, C, H, W]."""
-    with torch.no_grad():
-        fa = torch.cat([classifier.features(c) for c in x.split(batch)])
-        fb = torch.cat([classifier.features(c) for c in ref.split(batch)])
-    return frechet_distance(fa, fb)
 
 
 def accuracy(classifier, x: Tensor, labels: Tensor) -> float:

@@ -15,7 +15,7 @@ from .core.plan import Plan, make_plan
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.dispatch import run
 from .optim.adam import AdamOptions, batched_adam
-from .optim.lbfgs import LBFGSOptions, batched_lbfgs, default_max_eval  # noqa: F401 (re-export)
+from .optim.lbfgs import LBFGSOptions, batched_lbfgs
 from .optim.samples import SUCCESS, Samples
 from .priors import ChiPrior
 

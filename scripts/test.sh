@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . .venv/bin/activate
-python -m pytest tests bench/test_bench_smoke.py bench/test_bench_suite.py -q -p no:cacheprovider --benchmark-disable "$@"
+python -m pytest -q -p no:cacheprovider --benchmark-disable "$@"  # testpaths: tests, bench
