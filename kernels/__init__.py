@@ -1,6 +1,6 @@
 """Triton kernels of dflow_fast's fused ops (installed as ``dflow_fast.kernels``).
 
-The ``"triton"`` backend of :mod:`dflow_fast.backends`. Each function has the signature and
+The ``"triton"`` backend of :mod:`dflow_fast.ops.registry`. Each function has the signature and
 semantics of its PyTorch twin in :mod:`dflow_fast.ops.twins` and calls an operator registered
 once with ``torch.library.triton_op`` (namespace ``dflow_fast_triton``), so it works with
 autograd, ``torch.compile`` and ``torch.export``:
