@@ -6,6 +6,7 @@ Public API:
     optimize(velocity, cost, x0, *, steps, solver, gradient, optimizer, options, ...)
         -> OptimizeResult;  LBFGSOptions, AdamOptions, IterationInfo
     ChiPrior(weight), backward_blend(velocity, x1_guess, *, alpha, ...), ModelVelocity(model)
+    cond=: per-sample conditioning, velocity(t, x, **cond); Shared(value) marks a shared value
     reconstruction_drift(velocity, x0, *, solver, steps, ...), ReconstructionWarning:
         the reversible solvers' rebuild error (docs/reversible.md)
     build_info(): the backends this installation has
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib
 
 from ._version import __version__
+from .core.cond import Shared
 from .core.velocity import ModelVelocity
 from .gradients.reversible import ReconstructionWarning, reconstruction_drift
 from .ops.build import build_info
@@ -34,7 +36,7 @@ _LAZY = ("reference", "models", "data", "metrics", "tasks", "apps", "core", "gra
          "ops", "kernels")
 
 __all__ = ["solve", "optimize", "OptimizeResult", "IterationInfo", "LBFGSOptions", "AdamOptions",
-           "ChiPrior", "backward_blend", "ModelVelocity", "build_info", "ReconstructionWarning",
+           "ChiPrior", "backward_blend", "ModelVelocity", "Shared", "build_info", "ReconstructionWarning",
            "reconstruction_drift", "__version__", *_LAZY]
 
 

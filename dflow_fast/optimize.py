@@ -5,7 +5,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -125,8 +125,8 @@ class _Objective:
         n = X.shape[0]
         calls = self.u.calls
         x0 = X.detach().reshape(n, *self.shape[1:]).requires_grad_(True)
-        with torch.enable_grad():
-            x1 = run(self.u, self.plan, x0, self.gradient, (), guard=False,
+        with torch.enable_grad():  # the rows' own conditioning travels with them
+            x1 = run(self.u.rows(idx), self.plan, x0, self.gradient, (), guard=False,
                      memory_budget=self.memory_budget)
             full = x1 if idx is None else self.x1_full.index_put((idx,), x1)
             c = self._cost(full)
@@ -161,7 +161,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
              callback: Optional[Callable[[IterationInfo], Optional[bool]]] = None,
              progress: bool = False, backend: Optional[str] = None,
              coupling: Optional[float] = None, memory_budget: Optional[float] = None,
-             stop_loss: float | Tensor | None = None, **optimizer_kwargs) -> OptimizeResult:
+             stop_loss: float | Tensor | None = None, cond: Mapping[str, Any] | None = None,
+             **optimizer_kwargs) -> OptimizeResult:
     """D-Flow: minimize ``cost(x1(x0)) + regularization(x0)`` over the source points x0.
 
     Every sample is an independent problem with its own optimizer state; samples that stop
@@ -169,7 +170,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     evaluations, while the others go on, batched.
 
     Args:
-        velocity: ``velocity(t, x) -> [B, *S]`` of a flow model (t=0 noise, t=1 data).
+        velocity: ``velocity(t, x, **cond) -> [B, *S]`` of a flow model (t=0 noise, t=1 data).
         cost: ``cost(x1 [B, *S]) -> [B]``, differentiable, one independent value per sample. It
             always receives the full batch; rows of stopped samples hold their final x1.
         x0: ``[B, *S]`` initial source points (Gaussian noise, or :func:`backward_blend`).
@@ -200,6 +201,10 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             discrepancy principle ``stop_loss = m * sigma**2`` stops before the noise is fitted
             (``Problem.noise_level``).
 
+        cond: keyword arguments of the velocity, as in :func:`solve`: each per-sample tensor
+            (first dimension B) is indexed with the rows being evaluated, so a sample always
+            sees its own conditioning however the active set shrinks.
+
     Returns:
         :class:`OptimizeResult`.
     """
@@ -209,6 +214,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     if regularization is not None and not callable(regularization):
         raise TypeError("regularization must be callable as R(x0) -> [B] or None")
     check_gradient(gradient, memory_budget)
+    u = CheckedVelocity(velocity, cond, x0.shape[0])
     opts = optimizer_options(optimizer, options, optimizer_kwargs)
     targets = _check_stop_loss(stop_loss, x0.shape[0])
     if steps is None and time_grid is None:
@@ -220,7 +226,6 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     if cuda:
         torch.cuda.reset_peak_memory_stats(x0.device)
     start = time.perf_counter()
-    u = CheckedVelocity(velocity)
     obj = _Objective(u, plan, cost, regularization, gradient, x0.shape, memory_budget)
     B = x0.shape[0]
     bar = _progress_bar(progress, opts.max_iter)

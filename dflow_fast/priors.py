@@ -3,6 +3,7 @@ section 1)."""
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -45,19 +46,21 @@ class ChiPrior:
 
 def backward_blend(velocity: Velocity, x1_guess: Tensor, *, alpha: float = 0.1, steps: int = 6,
                    solver: str = "midpoint", generator: torch.Generator | None = None,
-                   backend: str | None = None) -> Tensor:
+                   backend: str | None = None, cond: Mapping[str, Any] | None = None) -> Tensor:
     """Initial x0 for D-Flow from a data-space guess (e.g. the degraded observation).
 
     Solves the ODE backward (t = 1 -> 0) from ``x1_guess`` [B, *S] and blends the result with
     fresh noise: ``x0 = sqrt(alpha) * x0_back + sqrt(1 - alpha) * noise``. ``alpha`` in [0, 1]
-    sets how much of the guess survives; noise is drawn with ``generator`` when given.
+    sets how much of the guess survives; noise is drawn with ``generator`` when given. ``cond``:
+    the velocity's keyword arguments, as in :func:`~dflow_fast.solve`.
     """
     check_x0(x1_guess, "x1_guess")
+    u = CheckedVelocity(velocity, cond, x1_guess.shape[0])
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     plan = make_plan(solver, steps, 1.0, 0.0, None, x1_guess, backend)
     with torch.no_grad():
-        x0_back = run(CheckedVelocity(velocity), plan, x1_guess.detach(), "backprop", (), False)
+        x0_back = run(u, plan, x1_guess.detach(), "backprop", (), False)
         # drawn on the generator's device (a CPU generator with CUDA data is common), then moved
         dev = generator.device if generator is not None else x1_guess.device
         noise = torch.randn(x1_guess.shape, generator=generator, dtype=x1_guess.dtype,

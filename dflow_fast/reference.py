@@ -7,19 +7,27 @@ code with the fast path.
 """
 from __future__ import annotations
 
+import functools
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .core.cond import check_cond, unwrap
 from .optimize import DEFAULT_STEPS, OptimizeResult, optimizer_options
 
 
-def solve(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor, *, steps: Optional[int] = None,
+def solve(velocity: Callable[..., Tensor], x0: Tensor, *, steps: Optional[int] = None,
           solver: str = "midpoint", t0: float = 0.0, t1: float = 1.0,
-          time_grid: Sequence[float] | Tensor | None = None) -> Tensor:
-    """x1 by the plain unrolled loop; autograd records every step. x0: [B, *S]."""
+          time_grid: Sequence[float] | Tensor | None = None,
+          cond: Mapping[str, Any] | None = None) -> Tensor:
+    """x1 by the plain unrolled loop; autograd records every step. x0: [B, *S]; ``cond``: the
+    velocity's keyword arguments (all rows at once: nothing to index)."""
+    if cond:
+        kwargs = unwrap(check_cond(cond, x0.shape[0]))
+        return solve(functools.partial(velocity, **kwargs), x0, steps=steps, solver=solver, t0=t0,
+                     t1=t1, time_grid=time_grid)
     if time_grid is None:
         grid = [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
     else:
@@ -41,7 +49,8 @@ def solve(velocity: Callable[[Tensor, Tensor], Tensor], x0: Tensor, *, steps: Op
 def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver: str = "midpoint",
              gradient: str = "backprop", optimizer: str = "lbfgs", options=None, t0: float = 0.0,
              t1: float = 1.0, time_grid=None, regularization=None, callback=None,
-             progress: bool = False, stop_loss=None, **optimizer_kwargs) -> OptimizeResult:
+             progress: bool = False, stop_loss=None, cond=None,
+             **optimizer_kwargs) -> OptimizeResult:
     """Same signature as :func:`dflow_fast.optimize`; one optimizer over the summed batch loss.
 
     ``gradient`` is accepted for signature compatibility; the reference always backpropagates.
@@ -53,6 +62,8 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver:
         raise ValueError("dflow_fast.reference.optimize: stop_loss is not supported (torch.optim."
                          "LBFGS runs max_iter iterations); pass max_iter= instead")
     opts = optimizer_options(optimizer, options, optimizer_kwargs)
+    if cond:
+        velocity = functools.partial(velocity, **unwrap(check_cond(cond, x0.shape[0])))
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
     start = time.perf_counter()

@@ -2,11 +2,12 @@
 dispatch (:func:`dflow_fast.gradients.dispatch.run`)."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from torch import Tensor
 
 from .core.checks import check_gradient, check_params, check_x0
+from .core.cond import grad_tensors
 from .core.plan import make_plan
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.common import find_params
@@ -17,11 +18,13 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
           gradient: str = "adjoint", t0: float = 0.0, t1: float = 1.0,
           time_grid: Sequence[float] | Tensor | None = None,
           params: Iterable[Tensor] | None = None, backend: str | None = None,
-          coupling: float | None = None, memory_budget: float | None = None) -> Tensor:
+          coupling: float | None = None, memory_budget: float | None = None,
+          cond: Mapping[str, Any] | None = None) -> Tensor:
     """Integrate ``dx/dt = velocity(t, x)`` from ``x0`` with a fixed-step solver.
 
     Args:
-        velocity: ``velocity(t, x) -> [B, *S]``; ``t`` is a 0-dim tensor on x's device and dtype.
+        velocity: ``velocity(t, x, **cond) -> [B, *S]``; ``t`` is a 0-dim tensor on x's device
+            and dtype.
         x0: ``[B, *S]`` start state at ``t0``.
         steps: number of uniform steps from ``t0`` to ``t1`` (or give ``time_grid``).
         solver: ``"euler"`` or ``"midpoint"`` (the plain sampler), or a reversible solver:
@@ -56,16 +59,26 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
             :data:`~dflow_fast.gradients.auto.DEFAULT_CPU_BUDGET` (2 GiB). ``0`` gives the adjoint's memory
             (or the reversible sweep's for a reversible solver), ``math.inf`` backprop's.
 
+        cond: keyword arguments of the velocity, ``velocity(t, x, **cond)``: a tensor whose first
+            dimension is B is per-sample, anything else (or a value wrapped in
+            :class:`~dflow_fast.Shared`) is passed unchanged (:mod:`dflow_fast.core.cond`).
+            Tensors in it that require grad receive gradients under every scheme.
+
     Returns:
         x1: ``[B, *S]``, the state at the end of the grid.
     """
     check_x0(x0)
     check_gradient(gradient, memory_budget)
+    u = CheckedVelocity(velocity, cond, x0.shape[0])
     plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend, gradient=gradient,
                      coupling=coupling)
     if params is None:  # discovered; backprop needs none (autograd finds them itself)
-        found, guard = (find_params(velocity) if gradient != "backprop" else ()), True
+        found, guard = (_unique(find_params(velocity) + grad_tensors(u.cond))
+                        if gradient != "backprop" else ()), True
     else:
         found, guard = check_params(params), False
-    return run(CheckedVelocity(velocity), plan, x0, gradient, found, guard=guard,
-               memory_budget=memory_budget)
+    return run(u, plan, x0, gradient, found, guard=guard, memory_budget=memory_budget)
+
+
+def _unique(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple({id(t): t for t in tensors}.values())

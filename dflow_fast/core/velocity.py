@@ -1,50 +1,91 @@
-"""The velocity convention, ``velocity(t, x) -> [B, *S]`` (t = 0 noise, t = 1 data), and the two
-wrappers every solve uses: :class:`ModelVelocity` for models called as ``model(x, t)``, and
-:class:`CheckedVelocity`, which checks each output against x and counts evaluations."""
+"""The velocity convention, ``velocity(t, x, **cond) -> [B, *S]`` (t = 0 noise, t = 1 data), and
+the two wrappers every solve uses: :class:`ModelVelocity` for models called as
+``model(x, t, **cond)``, and :class:`CheckedVelocity`, which binds the conditioning of the rows
+being evaluated, checks each output against x and counts evaluations."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-Velocity = Callable[[Tensor, Tensor], Tensor]
+from .cond import Cond, check_cond, select, unwrap
+
+Velocity = Callable[..., Tensor]  # velocity(t, x, **cond) -> like x
 
 
 class ModelVelocity(nn.Module):
-    """Adapts a model called as ``model(x, t)`` with ``t`` of shape [B] to ``velocity(t, x)``.
+    """Adapts a model called as ``model(x, t, **cond)`` with ``t`` of shape [B] to
+    ``velocity(t, x, **cond)``.
 
     ``t`` arrives as a 0-dim tensor (or [B]); it is broadcast to [B] for the model.
     """
 
-    def __init__(self, model: nn.Module | Callable[[Tensor, Tensor], Tensor]):
+    def __init__(self, model: nn.Module | Callable[..., Tensor]):
         super().__init__()
         self.model = model
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.model(x, t.expand(x.shape[0]) if t.dim() == 0 else t)
+    def forward(self, t: Tensor, x: Tensor, **cond) -> Tensor:
+        return self.model(x, t.expand(x.shape[0]) if t.dim() == 0 else t, **cond)
 
 
-class CheckedVelocity:
-    """Calls the user's velocity, checks its output against x, and counts evaluations.
+class _Counts:
+    """Evaluations shared by a velocity and its row views."""
 
-    ``calls`` counts batched calls, ``rows`` the samples evaluated (sum of batch sizes)."""
+    __slots__ = ("calls", "rows")
 
-    def __init__(self, velocity: Velocity):
-        if not callable(velocity):
-            raise TypeError(f"velocity must be callable as velocity(t, x), got "
-                            f"{type(velocity).__name__}")
-        self.velocity = velocity
+    def __init__(self):
         self.calls = 0
         self.rows = 0
 
+
+class CheckedVelocity:
+    """Calls the user's velocity as ``velocity(t, x, **cond)``, checks its output against x, and
+    counts evaluations.
+
+    ``cond`` (validated against the batch size ``batch``) holds per-sample tensors for all B rows;
+    :meth:`rows` gives the view that evaluates a subset of them. ``calls`` counts batched calls,
+    ``rows_evaluated`` the samples evaluated (sum of batch sizes), over this velocity and all its
+    views."""
+
+    def __init__(self, velocity: Velocity, cond: Optional[Cond] = None, batch: int | None = None):
+        if not callable(velocity):
+            raise TypeError(f"velocity must be callable as velocity(t, x, **cond), got "
+                            f"{type(velocity).__name__}")
+        if cond is not None and batch is None:
+            raise ValueError("CheckedVelocity: cond needs the batch size it belongs to")
+        self.velocity = velocity
+        self.batch = batch
+        self.cond = check_cond(cond, batch) if cond is not None else {}
+        self._kwargs = unwrap(self.cond)
+        self._counts = _Counts()
+
+    @property
+    def calls(self) -> int:
+        return self._counts.calls
+
+    @property
+    def rows_evaluated(self) -> int:
+        return self._counts.rows
+
+    def rows(self, idx: Optional[Tensor]) -> "CheckedVelocity":
+        """This velocity for the rows ``idx`` [n] of the batch (None: all of them): per-sample
+        conditioning indexed, counters shared."""
+        if idx is None or not self.cond:
+            return self
+        view = object.__new__(CheckedVelocity)
+        view.velocity, view.batch, view._counts = self.velocity, self.batch, self._counts
+        view.cond = select(self.cond, self.batch, idx)
+        view._kwargs = unwrap(view.cond)
+        return view
+
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        out = self.velocity(t, x)
+        out = self.velocity(t, x, **self._kwargs)
         if not isinstance(out, Tensor):
             raise TypeError(f"velocity must return a tensor, got {type(out).__name__}")
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
             raise ValueError(
                 f"velocity(t, x) must return a tensor like x: x is {tuple(x.shape)} {x.dtype} on "
                 f"{x.device}, the velocity returned {tuple(out.shape)} {out.dtype} on {out.device}")
-        self.calls += 1
-        self.rows += x.shape[0]
+        self._counts.calls += 1
+        self._counts.rows += x.shape[0]
         return out
