@@ -152,6 +152,9 @@ setup(
         "test": ["pytest", "pytest-benchmark", 'triton; platform_system == "Linux"'],
         "data": ["scikit-learn", "mlxtend", "torchmetrics", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "torchdiffeq", "flow_matching"],
+        # the adapters' libraries: never imported by `import dflow_fast`
+        "diffusers": ["diffusers>=0.30"],
+        "flow_matching": ["flow_matching"],
     },
     entry_points={"console_scripts": ["dflow-fast = dflow_fast.apps.cli:main"]},
     ext_modules=ext_modules,

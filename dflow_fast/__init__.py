@@ -32,8 +32,8 @@ from .priors import ChiPrior, backward_blend
 from .solve import solve
 
 #: submodules reachable as attributes, imported on first access
-_LAZY = ("reference", "models", "data", "metrics", "tasks", "apps", "core", "gradients", "optim",
-         "ops", "kernels")
+_LAZY = ("reference", "models", "data", "metrics", "tasks", "apps", "adapters", "core",
+         "gradients", "optim", "ops", "kernels")
 
 __all__ = ["solve", "optimize", "OptimizeResult", "IterationInfo", "LBFGSOptions", "AdamOptions",
            "ChiPrior", "backward_blend", "ModelVelocity", "Shared", "build_info", "ReconstructionWarning",

@@ -18,6 +18,7 @@ RANKS = {
     "core": 1,
     "gradients": 2, "optim": 2,
     "solve": 3, "optimize": 3, "priors": 3, "reference": 3, "models": 3, "data": 3, "metrics": 3,
+    "adapters": 3,
     "tasks": 4,
     "apps": 5,
     "__main__": 6,
