@@ -80,9 +80,9 @@ build() {
 }
 parity() {
   set -o pipefail
-  $PY -m pytest tests/ops/test_ops_cuda.py tests/ops/test_ops_triton.py tests/ops/test_ops_cpp.py \
-      tests/test_solve.py tests/gradients/test_reversible.py tests/gradients/test_auto.py \
-      -q -p no:cacheprovider --maxfail=10 -rs --junitxml="$RESULTS/parity.xml" 2>&1 \
+  $PY -m pytest tests/ops/test_parity.py tests/ops/test_extension.py \
+      tests/test_solve.py tests/test_cond.py tests/gradients \
+      -q -p no:cacheprovider --maxfail=10 -rsx --junitxml="$RESULTS/parity.xml" 2>&1 \
       | tee "$RESULTS/parity.txt" | tail -30
 }
 kernels() {

@@ -120,12 +120,18 @@ def heun_predict_backward(ctx, g):
 
 
 def heun_step_backward(ctx, g1, g2):
-    # y' = y + (h/2)(f + fnext);  yhat'' = 2 y' - yhat + hnext fnext.  G: total cotangent of y'.
+    # y' = y + (h/2)(f + fnext);  yhat'' = 2 y' - yhat + hnext fnext.  G: total cotangent of y',
+    # kept in fp32 for fp16/bf16 (rounding it before scaling it would round f's gradients twice).
     h, hnext = ctx.scalars
     dt = ctx.dtype
-    G = _combine(dt, (1, g1), (2, g2))
-    return _grads(ctx, G, _combine(dt, (-1, g2)), _combine(dt, (0.5 * h, G)),
-                  _combine(dt, (0.5 * h, G), (hnext, g2)))
+    G = _combine(_wide(dt), (1, g1), (2, g2))
+    return _grads(ctx, None if G is None else G.to(dt), _combine(dt, (-1, g2)),
+                  _combine(dt, (0.5 * h, G)), _combine(dt, (0.5 * h, G), (hnext, g2)))
+
+
+def _wide(dtype):
+    """The dtype an intermediate is kept in: fp32 for fp16/bf16, else ``dtype`` itself."""
+    return torch.float32 if dtype in _LOW else dtype
 
 
 def heun_adjoint_backward(ctx, g1, g2, g3):
