@@ -91,3 +91,19 @@ def test_guard_oom_records_oom():
         guard_oom(lambda: (_ for _ in ()).throw(ValueError("not an OOM")))
 
 # The GPU gradient cases live in bench/test_bench_suite.py (test_gradient_method_gpu).
+
+
+def test_results_json_is_strict_with_non_finite_values(tmp_path):
+    """NaN and infinities are written as strings: strict JSON parsers reject bare NaN/Infinity."""
+    import json
+    import math
+
+    from bench.lib.env import write_json
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    path = write_json(tmp_path / "r.json", {"a": math.nan, "rows": [{"t": math.inf}, 1.5],
+                                            "b": (-math.inf, 2)}, "cpu", meta={})
+    doc = json.loads(path.read_text(), parse_constant=refuse)
+    assert doc == {"meta": {}, "a": "nan", "rows": [{"t": "inf"}, 1.5], "b": ["-inf", 2]}

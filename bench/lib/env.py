@@ -104,15 +104,27 @@ def write_json(path: str | Path, payload: dict, device: torch.device | str,
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": meta if meta is not None else environment(device), **payload}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    # strict JSON: json.dumps writes non-finite floats as bare NaN/Infinity before any default hook
+    # sees them, which strict parsers reject; they are stored as the strings "nan", "inf", "-inf"
+    tmp.write_text(json.dumps(_finite(doc), indent=2, default=_json_default, allow_nan=False)
+                   + "\n")
     tmp.replace(path)  # a reader never sees half a file
     return path
 
 
+def _finite(o: Any) -> Any:
+    """``o`` with every non-finite float replaced by its string (nested dicts, lists, tuples)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
 def _json_default(o: Any):
     if isinstance(o, (torch.dtype, torch.device, Path)):
-        return str(o)
-    if isinstance(o, float) and not math.isfinite(o):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
