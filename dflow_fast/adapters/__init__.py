@@ -10,7 +10,7 @@ import importlib
 #: public name -> the module of this package that defines it
 _NAMES = {"from_diffusers": "diffusers", "DiffusionVelocity": "diffusers",
           "FlowMatchVelocity": "diffusers", "from_flow_matching": "flow_matching",
-          "classifier_free_guidance": "guidance"}
+          "classifier_free_guidance": "guidance", "FromCond": "guidance"}
 
 __all__ = sorted(_NAMES)
 
