@@ -149,7 +149,7 @@ setup(
                                         "MODEL_CARD.md", "card/*.png"]},
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", 'triton; platform_system == "Linux"'],
+        "test": ["pytest", "pytest-benchmark", 'triton; platform_system == "Linux"', "pyyaml"],
         "data": ["scikit-learn", "mlxtend", "torchmetrics", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "torchdiffeq", "flow_matching"],
         # the adapters' libraries: never imported by `import dflow_fast`

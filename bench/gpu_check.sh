@@ -8,6 +8,9 @@
 #              (offline, no venv; skipped when DFLOW_FAST_PREBUILT=1 and a _C for this Python exists)
 #   parity     the parity suites of the cuda and triton backends (fp32/fp16/bf16/fp64), the cpp and
 #              solve suites, and the reversible/auto suites, on the GPU
+#   gate       the parity gate on parity.xml (bench/parity_gate.py, as .github/workflows/gpu.yml runs
+#              it): fails unless a GPU is visible, the CUDA backend built, nothing failed, no
+#              cuda/triton test skipped, and every cuda/triton test the parity files define passed
 #   kernels    kernel microbenchmarks (bandwidth vs a copy, speedup vs eager PyTorch)
 #   gradient   one gradient through the 35M-parameter 64x64 U-Net: every mode and backend of
 #              dflow_fast (backprop, adjoint per backend, auto, reversible) against the reference,
@@ -33,7 +36,7 @@ RESULTS=${RESULTS:-bench/results/gpu}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity kernels gradient budget drift e2e suite profile)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity gate kernels gradient budget drift e2e suite profile)
 status=0
 summary=()
 step() { echo; echo "== $* ($(date +%T))"; }
@@ -85,6 +88,10 @@ parity() {
       -q -p no:cacheprovider --maxfail=10 -rsx --junitxml="$RESULTS/parity.xml" 2>&1 \
       | tee "$RESULTS/parity.txt" | tail -30
 }
+gate() {
+  $PY -m bench.parity_gate --junit "$RESULTS/parity.xml" --require-cuda --expect-collect \
+      "tests/ops/test_parity.py tests/ops/test_extension.py tests/test_solve.py tests/test_cond.py tests/gradients -k 'cuda or triton'"
+}
 kernels() {
   set -o pipefail
   $PY -m bench.bench_kernels --device cuda --out "$RESULTS/kernels_cuda.json" 2>&1 | tail -60
@@ -127,11 +134,11 @@ demo() {  # tqdm's bar goes to the log; the report is rewritten after every task
   return $rc
 }
 
-declare -A LIMIT=([build]=420 [parity]=420 [kernels]=240 [gradient]=${GRADIENT_LIMIT:-540}
+declare -A LIMIT=([build]=420 [parity]=420 [gate]=300 [kernels]=240 [gradient]=${GRADIENT_LIMIT:-540}
                   [budget]=300 [drift]=240 [e2e]=${E2E_LIMIT:-540} [suite]=300
                   [profile]=240 [demo]=${DEMO_LIMIT:-540})
 export RESULTS PY OUT=${OUT:-}
-export -f build parity kernels gradient budget drift e2e suite profile demo
+export -f build parity gate kernels gradient budget drift e2e suite profile demo
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s"; exit 2; }
   run_stage "$s" "${LIMIT[$s]}"
