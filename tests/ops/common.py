@@ -2,11 +2,11 @@
 device each one runs on, loading a backend (or a skip that says why it cannot run here), the table
 of ops with the arguments the tests call them with, and random inputs.
 
-Importing this module sets ``TRITON_INTERPRET=1`` when there is no CUDA device, so that the Triton
-kernels run on CPU tensors under the interpreter. Triton reads the variable when a kernel is
-defined, i.e. when ``dflow_fast.kernels`` first imports its kernel modules (on the first call):
-pytest imports every test module, and with them this one, before it runs any test. A
-``TRITON_INTERPRET`` already set is kept (``=0`` on a CPU machine makes the Triton cases skip).
+Without a CUDA device the Triton kernels run on CPU tensors under the interpreter:
+``TRITON_INTERPRET=1`` is set by the repository's root conftest.py, before any test module (or a
+package such as diffusers, which imports triton) is imported; triton reads it when it is first
+imported. Importing this module sets it too, for use outside pytest. A ``TRITON_INTERPRET``
+already set is kept (``=0`` on a CPU machine makes the Triton cases skip).
 """
 from __future__ import annotations
 
