@@ -200,7 +200,6 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             noisy inverse problem ``||A x1 - y||^2`` with noise sigma on m measurements, the
             discrepancy principle ``stop_loss = m * sigma**2`` stops before the noise is fitted
             (``Problem.noise_level``).
-
         cond: keyword arguments of the velocity, as in :func:`solve`: each per-sample tensor
             (first dimension B) is indexed with the rows being evaluated, so a sample always
             sees its own conditioning however the active set shrinks.

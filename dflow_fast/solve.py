@@ -58,7 +58,6 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
             stored states). Default: on CUDA half the free device memory, on the CPU
             :data:`~dflow_fast.gradients.auto.DEFAULT_CPU_BUDGET` (2 GiB). ``0`` gives the adjoint's memory
             (or the reversible sweep's for a reversible solver), ``math.inf`` backprop's.
-
         cond: keyword arguments of the velocity, ``velocity(t, x, **cond)``: a tensor whose first
             dimension is B is per-sample, anything else (or a value wrapped in
             :class:`~dflow_fast.Shared`) is passed unchanged (:mod:`dflow_fast.core.cond`).
