@@ -164,3 +164,31 @@ def test_sigterm_checkpoints_and_exits_cleanly(train_ddpm, tmp_path):
     st = _state(out)
     assert 2 <= st["step"] < 100000 and st["max_steps"] == 100000
     assert json.loads((out / "train_log.json").read_text())["steps"] == st["step"]
+
+
+def test_export_loads_as_the_adapted_velocity(train_ddpm, tmp_path):
+    """dflow_fast.models.load_checkpoint turns the export into the probability-flow velocity of
+    its UNet and DDPM scheduler (what load_pretrained("fashion-mnist-ddpm") returns)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    import dflow_fast as df
+
+    out, path = tmp_path / "run", tmp_path / "export" / "ddpm.safetensors"
+    train_ddpm.main(SMOKE + ["--max-steps", "2", "--out", str(out)])
+    train_ddpm.main(["--out", str(out), "--export", str(path)])
+    v = df.models.load_checkpoint(path)
+    assert not any(p.requires_grad for p in v.parameters())
+    grid = v.time_grid(5)
+    assert grid.shape == (6,) and float(grid[0]) == 0.0 and float(grid[-1]) == 1.0
+
+    st = _state(out)
+    ema = UNet2DModel(**st["model_config"])
+    ema.load_state_dict(st["ema"])
+    ref = df.adapters.from_diffusers(ema.eval().requires_grad_(False), DDPMScheduler())
+    x = torch.randn(2, 1, 28, 28)
+    for t in (0.0, 0.37, 1.0):
+        tt = torch.tensor(t)
+        with torch.no_grad():
+            assert torch.equal(v(tt, x), ref(tt, x))
+    with pytest.raises(ValueError, match="unknown pretrained model"):
+        df.models.load_pretrained("fashion-mnist-ddmp")

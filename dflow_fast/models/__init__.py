@@ -33,7 +33,12 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PRETRAINED = {
     "fashion-mnist": "fashion_mnist_unet.safetensors",
     "fashion-mnist-classifier": "fashion_mnist_classifier.safetensors",
+    # a diffusers UNet2DModel trained with DDPM (epsilon) by scripts/train_ddpm.py; loaded as the
+    # adapted probability-flow velocity (needs the [diffusers] extra)
+    "fashion-mnist-ddpm": "fashion_mnist_ddpm.safetensors",
 }
+#: the metadata ``arch`` of a diffusers UNet2DModel checkpoint (scripts/train_ddpm.py --export)
+DIFFUSERS_UNET = "diffusers.UNet2DModel"
 
 _ARCHS = {"UNet": UNet, "SmallCNN": SmallCNN}
 
@@ -78,6 +83,8 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None) -> nn.
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     arch = metadata.get("arch")
+    if arch == DIFFUSERS_UNET:
+        return _load_diffusion_velocity(path, metadata, device, dtype)
     if arch not in _ARCHS:
         raise ValueError(f"{path}: unknown or missing architecture {arch!r} in metadata")
     model = _ARCHS[arch](**json.loads(metadata["config"]))
@@ -88,13 +95,35 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None) -> nn.
     return model
 
 
+def _load_diffusion_velocity(path: Path, metadata: dict, device, dtype) -> nn.Module:
+    """A diffusers UNet2DModel checkpoint as ``velocity(t, x)`` in dflow_fast's convention
+    (:func:`dflow_fast.adapters.from_diffusers` with the DDPM scheduler stored beside it)."""
+    from safetensors.torch import load_file
+
+    try:
+        from diffusers import DDPMScheduler, UNet2DModel
+    except ImportError as e:
+        raise ImportError(f"{path} holds a diffusers UNet2DModel: pip install "
+                          f"'dflow_fast[diffusers]'") from e
+    from ..adapters.diffusers import from_diffusers
+
+    unet = UNet2DModel(**json.loads(metadata["config"]))
+    unet.load_state_dict(load_file(str(path), device=str(device)))
+    unet = unet.to(device=device, dtype=dtype) if dtype is not None else unet.to(device)
+    unet.eval().requires_grad_(False)
+    scheduler = DDPMScheduler(**json.loads(metadata["scheduler"]))
+    return from_diffusers(unet, scheduler)
+
+
 def load_pretrained(name: str, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Load a model shipped with the package by name (no network).
 
     Args:
         name: one of ``PRETRAINED``: ``"fashion-mnist"`` (velocity ``forward(t, x)``,
-            ``x: [B, 1, 28, 28]``, ``t`` 0-dim or ``[B]``) or ``"fashion-mnist-classifier"``
-            (``forward(x) -> [B, 10]`` logits, ``features(x) -> [B, 128]``).
+            ``x: [B, 1, 28, 28]``, ``t`` 0-dim or ``[B]``), ``"fashion-mnist-classifier"``
+            (``forward(x) -> [B, 10]`` logits, ``features(x) -> [B, 128]``) or
+            ``"fashion-mnist-ddpm"`` (the DDPM UNet as a velocity ``forward(t, x)`` with
+            ``time_grid(steps)``; needs diffusers).
         device, dtype: where and in which floating dtype to put the weights.
 
     Returns:
@@ -107,6 +136,6 @@ def load_pretrained(name: str, device="cpu", dtype: torch.dtype | None = None) -
         raise FileNotFoundError(
             f"pretrained weights for {name!r} are missing at {path}; the package was installed "
             "without its data files (reinstall dflow_fast) or they were not trained yet "
-            "(see scripts/train_flow.py and scripts/train_classifier.py)."
+            "(see scripts/train_flow.py, scripts/train_classifier.py and scripts/train_ddpm.py)."
         )
     return load_checkpoint(path, device=device, dtype=dtype)
