@@ -56,3 +56,11 @@ def check_params(params) -> tuple[Tensor, ...]:
         if not isinstance(p, Tensor):
             raise TypeError(f"params must be tensors, got {type(p).__name__}")
     return found
+
+
+def check_tolerances(options) -> None:
+    """Every ``tolerance_*`` field of ``options`` is a number >= 0."""
+    for name in ("tolerance_grad", "tolerance_change"):
+        tol = getattr(options, name, 0.0)
+        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {tol!r}")

@@ -69,9 +69,5 @@ def unwrap(cond: dict) -> dict:
 def grad_tensors(cond: dict) -> tuple[Tensor, ...]:
     """Tensors of ``cond`` that require grad (they receive gradients like the velocity's own
     parameters)."""
-    out = []
-    for v in cond.values():
-        v = v.value if isinstance(v, Shared) else v
-        if isinstance(v, Tensor) and v.requires_grad and torch.is_floating_point(v):
-            out.append(v)
-    return tuple(out)
+    return tuple(v for v in unwrap(cond).values()
+                 if isinstance(v, Tensor) and v.requires_grad and torch.is_floating_point(v))

@@ -8,8 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.checks import check_positive
-from .lbfgs import check_tolerances
+from ..core.checks import check_positive, check_tolerances
 from .samples import Evaluate, OnIteration, Samples, finite_rows
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Generator, Optional
 import torch
 from torch import Tensor
 
-from ..core.checks import check_positive
+from ..core.checks import check_positive, check_tolerances
 from ..ops import twins
 from .samples import Evaluate, OnIteration, Samples
 
@@ -56,14 +56,6 @@ def default_max_eval(max_iter: int) -> int:
     """L-BFGS's cost-and-gradient evaluations per sample when ``max_eval`` is not given (as
     torch.optim.LBFGS: 5/4 of the iterations)."""
     return max_iter * 5 // 4
-
-
-def check_tolerances(options) -> None:
-    """Every ``tolerance_*`` field of ``options`` is a number >= 0."""
-    for name in ("tolerance_grad", "tolerance_change"):
-        tol = getattr(options, name, 0.0)
-        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed")
 
 import dflow_fast as df  # noqa: E402
 from dflow_fast.adapters import DiffusionVelocity, FlowMatchVelocity, from_diffusers  # noqa: E402
@@ -218,7 +218,7 @@ def test_gaussian_data_is_transported_exactly(prediction):
 
 
 def test_schedule_hits_the_table_and_is_scipys_pchip():
-    interpolate = pytest.importorskip("scipy.interpolate")
+    interpolate = pytest.importorskip("scipy.interpolate", reason="scipy (the [data] extra, via scikit-learn) is not installed")
     for sched in (diffusers.DDIMScheduler(),
                   diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")):
         v = from_diffusers(unet(), sched)

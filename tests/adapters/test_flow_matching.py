@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("flow_matching")
+pytest.importorskip("flow_matching", reason="the [flow_matching] extra is not installed")
 from flow_matching.path import AffineProbPath, CondOTProbPath, MixtureDiscreteProbPath  # noqa: E402
 from flow_matching.path.scheduler import (CondOTScheduler, CosineScheduler,  # noqa: E402
                                           PolynomialConvexScheduler, VPScheduler)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed")
 
 import dflow_fast as df  # noqa: E402
 
