@@ -28,15 +28,6 @@ UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(8, 16), norm_
             up_block_types=("UpBlock2D", "UpBlock2D"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster than two and leaves the other core alone."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def unet(channels=1, dtype=torch.float32, seed=0, **kw):
     torch.manual_seed(seed)
     m = diffusers.UNet2DModel(in_channels=channels, out_channels=channels, **{**UNET, **kw})

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers", reason="the [diffusers] extra is not installed")
 
@@ -30,13 +29,6 @@ def _load_example():
 ex = _load_example()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The decoder's small convolutions run much faster on one thread on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_pixel_cost_decreases_and_the_decoder_runs_once_per_evaluation():
