@@ -146,7 +146,7 @@ setup(
     packages=find_packages(include=["dflow_fast", "dflow_fast.*"]) + ["dflow_fast.kernels"],
     package_dir={"dflow_fast.kernels": "kernels"},
     package_data={"dflow_fast.models": ["weights/*.safetensors", "weights/*.json",
-                                        "MODEL_CARD.md", "card/*.png"]},
+                                        "MODEL_CARD.md", "card/*.png", "MODEL_CARD_QM9.md"]},
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", 'triton; platform_system == "Linux"', "pyyaml"],
@@ -155,6 +155,8 @@ setup(
         # the adapters' libraries: never imported by `import dflow_fast`
         "diffusers": ["diffusers>=0.30"],
         "flow_matching": ["flow_matching"],
+        # QM9 (dflow_fast.data.qm9) and the molecule metrics (dflow_fast.molecules)
+        "molecules": ["qm9pack", "rdkit"],
     },
     entry_points={"console_scripts": ["dflow-fast = dflow_fast.apps.cli:main"]},
     ext_modules=ext_modules,

@@ -21,8 +21,8 @@ python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.
 python -m pip install -q setuptools wheel ninja
 # bench: the peers (torchdiffeq, flow_matching) that the benchmark suite's parity cases compare
 # with; diffusers, flow_matching: the adapters' libraries, whose tests run in CI. Never imported
-# by `import dflow_fast` itself.
-python -m pip install -q --no-build-isolation -e ".[test,data,bench,diffusers,flow_matching]"
+# by `import dflow_fast` itself. molecules: QM9 (qm9pack, ~100 MB) and RDKit.
+python -m pip install -q --no-build-isolation -e ".[test,data,bench,diffusers,flow_matching,molecules]"
 # Fashion-MNIST is a Debian package (files under /usr/share/datasets/fashion-mnist/).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -18,9 +18,10 @@ RANKS = {
     "core": 1,
     "gradients": 2, "optim": 2,
     "solve": 3, "optimize": 3, "priors": 3, "reference": 3, "models": 3, "data": 3, "metrics": 3,
+    "molecules": 3,
     "adapters": 3,
     "tasks": 4,
-    "apps": 5,
+    "apps": 5, "jobs": 5,
     "__main__": 6,
 }
 MAX_LINES = 450

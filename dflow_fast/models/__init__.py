@@ -4,6 +4,11 @@
   Fashion-MNIST 28x28 in ``[-1, 1]`` (noise at t=0, data at t=1, linear path).
 - ``load_pretrained("fashion-mnist-classifier")``: :class:`SmallCNN`, logits ``[B, 10]`` and
   ``features(x) -> [B, 128]``.
+- ``load_pretrained("qm9-flow")``: :class:`EGNNFlow`, an E(3)-equivariant flow-matching velocity
+  ``v(t, x, mask=...)`` on QM9 molecules, ``x [B, M, 3 + 5]`` (positions, atom-type features).
+- ``load_pretrained("qm9-alpha-guide")`` / ``("qm9-alpha-eval")``: :class:`EGNNRegressor`,
+  polarizability ``alpha(positions, types, mask) -> [B]`` (Bohr^3) trained on the two disjoint
+  halves of QM9's train split (the flow's half / the other one; scripts/train_qm9.py).
 
 Checkpoints are safetensors files inside the package (``models/weights/``) whose metadata holds the
 architecture name and its constructor config as JSON, so loading needs no network and no pickle.
@@ -20,10 +25,11 @@ import torch
 from torch import nn
 
 from .classifier import SmallCNN
+from .egnn import EGNNFlow, EGNNRegressor
 from .unet import UNet
 
 __all__ = [
-    "UNet", "SmallCNN", "load_pretrained", "load_checkpoint", "save_checkpoint",
+    "UNet", "SmallCNN", "EGNNFlow", "EGNNRegressor", "load_pretrained", "load_checkpoint", "save_checkpoint",
     "PRETRAINED", "WEIGHTS_DIR",
 ]
 
@@ -36,17 +42,24 @@ PRETRAINED = {
     # a diffusers UNet2DModel trained with DDPM (epsilon) by scripts/train_ddpm.py; loaded as the
     # adapted probability-flow velocity (needs the [diffusers] extra)
     "fashion-mnist-ddpm": "fashion_mnist_ddpm.safetensors",
+    # QM9 (scripts/train_qm9.py): the EGNN flow on train half A, the alpha regressors on half A
+    # (the D-Flow cost) and half B (evaluation only)
+    "qm9-flow": "qm9_flow.safetensors",
+    "qm9-alpha-guide": "qm9_alpha_guide.safetensors",
+    "qm9-alpha-eval": "qm9_alpha_eval.safetensors",
 }
 #: the metadata ``arch`` of a diffusers UNet2DModel checkpoint (scripts/train_ddpm.py --export)
 DIFFUSERS_UNET = "diffusers.UNet2DModel"
 
-_ARCHS = {"UNet": UNet, "SmallCNN": SmallCNN}
+_ARCHS = {"UNet": UNet, "SmallCNN": SmallCNN, "EGNNFlow": EGNNFlow,
+          "EGNNRegressor": EGNNRegressor}
 
 
 def save_checkpoint(model: nn.Module, path, extra_metadata: Mapping[str, object] | None = None):
     """Write ``model``'s weights and architecture config to a safetensors file.
 
-    ``model`` must be a :class:`UNet` or :class:`SmallCNN` (it carries ``.config``). Extra
+    ``model`` must be a :class:`UNet`, :class:`SmallCNN`, :class:`EGNNFlow` or
+    :class:`EGNNRegressor` (it carries ``.config``). Extra
     metadata values are stored as JSON strings (safetensors metadata is str -> str).
     """
     from safetensors.torch import save_file
@@ -123,7 +136,9 @@ def load_pretrained(name: str, device="cpu", dtype: torch.dtype | None = None) -
             ``x: [B, 1, 28, 28]``, ``t`` 0-dim or ``[B]``), ``"fashion-mnist-classifier"``
             (``forward(x) -> [B, 10]`` logits, ``features(x) -> [B, 128]``) or
             ``"fashion-mnist-ddpm"`` (the DDPM UNet as a velocity ``forward(t, x)`` with
-            ``time_grid(steps)``; needs diffusers).
+            ``time_grid(steps)``; needs diffusers), ``"qm9-flow"`` (``forward(t, x, mask=None)``,
+            ``x: [B, M, 8]``) or ``"qm9-alpha-guide"`` / ``"qm9-alpha-eval"``
+            (``forward(positions, types, mask=None) -> [B]``).
         device, dtype: where and in which floating dtype to put the weights.
 
     Returns:
@@ -136,6 +151,7 @@ def load_pretrained(name: str, device="cpu", dtype: torch.dtype | None = None) -
         raise FileNotFoundError(
             f"pretrained weights for {name!r} are missing at {path}; the package was installed "
             "without its data files (reinstall dflow_fast) or they were not trained yet "
-            "(see scripts/train_flow.py, scripts/train_classifier.py and scripts/train_ddpm.py)."
+            "(see scripts/train_flow.py, scripts/train_classifier.py, scripts/train_ddpm.py and "
+            "scripts/train_qm9.py)."
         )
     return load_checkpoint(path, device=device, dtype=dtype)

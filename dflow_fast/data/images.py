@@ -1,4 +1,5 @@
-"""Small real image data sets that install offline, as tensors ready for a flow model.
+"""Small real image data sets that install offline, as tensors ready for a flow model
+(re-exported by :mod:`dflow_fast.data`).
 
 Every loader returns ``(images, labels)``:
 
@@ -91,12 +92,14 @@ def _fashion_dir() -> Path:
     return Path(env) if env else Path(FASHION_MNIST_DIR)
 
 
-def fashion_mnist(split: str = "train", limit: int | None = None):
+def fashion_mnist(split: str = "train", limit: int | None = None, root: Path | None = None):
     """Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test 28x28 grey images.
 
     Args:
         split: ``"train"`` or ``"test"``.
         limit: load only the first ``limit`` items (``None``: all).
+        root: the folder of the idx files (``None``: ``$DFLOW_FAST_FASHION_MNIST_DIR``, else
+            ``FASHION_MNIST_DIR``).
 
     Returns:
         ``(images, labels)``: float32 ``[N, 1, 28, 28]`` in ``[-1, 1]``, int64 ``[N]``.
@@ -107,7 +110,7 @@ def fashion_mnist(split: str = "train", limit: int | None = None):
     if split not in _FASHION_FILES:
         raise ValueError(f"split must be one of {sorted(_FASHION_FILES)}, got {split!r}")
     limit = _check_limit(limit)
-    root = _fashion_dir()
+    root = _fashion_dir() if root is None else Path(root)
     img_path, lbl_path = (root / name for name in _FASHION_FILES[split])
     for p in (img_path, lbl_path):
         if not p.is_file():
