@@ -1,11 +1,17 @@
 """Batched L-BFGS: B independent problems, each with its own history, line search and stopping.
 
-The vector algebra (two-loop recursion, history updates) runs batched over the active samples;
-each sample's strong-Wolfe line search is a small scalar state machine (a Python generator) that
-proposes step lengths, so the trial points of all active samples are evaluated together in one
-batched call. Samples advance asynchronously: one whose line search ends starts its next iteration
-in the next call, so no call waits on the slowest search. A sample's iterates therefore do not
-depend on the other samples in the batch (up to the rounding of batched arithmetic).
+The vector algebra (two-loop recursion, history updates) runs batched over the active samples, and
+so do the samples' strong-Wolfe line searches (optim/wolfe.py: each sample's state a row of [B]
+device tensors, every branch a mask), so the trial points of all active samples are evaluated
+together in one batched call. Samples advance asynchronously: one whose line search ends starts
+its next iteration in the next call, so no call waits on the slowest search. A sample's iterates
+therefore do not depend on the other samples in the batch (up to the rounding of batched
+arithmetic).
+
+Host synchronisation: everything between two batched evaluations (line-search steps, acceptance,
+history, stopping tests, the next directions and their descent tests) stays on the device; the
+host reads one small packed tensor per evaluation (status, moved, value of each sample), which
+decides the next active set. Index tensors go to the device without a blocking copy.
 
 Algorithm: Nocedal & Wright, Numerical Optimization (2nd ed.), Alg. 7.4 (two-loop recursion) and
 Alg. 3.5/3.6 (strong-Wolfe bracketing and zoom) with cubic interpolation (eq. 3.59); the safeguards
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Generator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -23,6 +29,7 @@ from torch import Tensor
 from ..core.checks import check_positive, check_tolerances
 from ..ops import twins
 from .samples import Evaluate, OnIteration, Samples
+from .wolfe import WolfeSearches
 
 
 @dataclass(frozen=True)
@@ -58,98 +65,6 @@ def default_max_eval(max_iter: int) -> int:
     return max_iter * 5 // 4
 
 
-@dataclass
-class Trial:
-    """One evaluated point of a sample's line search."""
-
-    t: float
-    f: float
-    gtd: float
-    x: Optional[Tensor] = None  # [D]; None for the start point (t = 0)
-    g: Optional[Tensor] = None  # [D]
-    x1: Optional[Tensor] = None  # [*S]
-
-
-def _cubic_min(a: Trial, b: Trial, lo: float, hi: float) -> float:
-    """Minimizer of the cubic matching f and f' at a and b, clamped to [lo, hi] (N&W eq. 3.59);
-    the interval's middle when the cubic has no minimizer."""
-    if a.t == b.t:
-        return 0.5 * (lo + hi)
-    d1 = a.gtd + b.gtd - 3.0 * (a.f - b.f) / (a.t - b.t)
-    disc = d1 * d1 - a.gtd * b.gtd
-    if not disc >= 0.0:  # also catches NaN
-        return 0.5 * (lo + hi)
-    d2 = math.copysign(math.sqrt(disc), b.t - a.t)
-    den = b.gtd - a.gtd + 2.0 * d2
-    if den == 0.0:
-        return 0.5 * (lo + hi)
-    t = b.t - (b.t - a.t) * (b.gtd + d2 - d1) / den
-    return min(max(t, lo), hi) if math.isfinite(t) else 0.5 * (lo + hi)
-
-
-LineSearch = Generator[float, Trial, Optional[Trial]]
-
-
-def strong_wolfe(t: float, start: Trial, d_inf: float, c1: float = 1e-4, c2: float = 0.9,
-                 tolerance_change: float = 1e-9, max_ls: int = 25) -> LineSearch:
-    """One sample's strong-Wolfe line search along d: yields trial steps t, is sent the evaluated
-    Trial, and returns the accepted Trial (``start`` itself if no decrease was found), or None if
-    an evaluation was not finite."""
-    f0, g0 = start.f, start.gtd
-    prev, n = start, 0
-
-    def armijo_fails(p: Trial, ref: Trial) -> bool:
-        return p.f > f0 + c1 * p.t * g0 or p.f >= ref.f
-
-    # Bracketing: grow t until the interval [lo, hi] must contain a strong-Wolfe point.
-    while True:
-        cur = yield t
-        n += 1
-        if not (math.isfinite(cur.f) and math.isfinite(cur.gtd)):
-            return None
-        if cur.f > f0 + c1 * cur.t * g0 or (n > 1 and cur.f >= prev.f):
-            lo, hi = prev, cur
-            break
-        if abs(cur.gtd) <= -c2 * g0:
-            return cur
-        if cur.gtd >= 0:
-            lo, hi = cur, prev
-            break
-        if n >= max_ls:
-            return cur  # out of evaluations; cur satisfies the sufficient decrease condition
-        t = _cubic_min(prev, cur, cur.t + 0.01 * (cur.t - prev.t), 10.0 * cur.t)
-        prev = cur
-
-    # Zoom: shrink the bracket; lo always holds the lowest value satisfying sufficient decrease.
-    stuck = False
-    while n < max_ls and abs(hi.t - lo.t) * d_inf >= tolerance_change:
-        left, right = min(lo.t, hi.t), max(lo.t, hi.t)
-        t = _cubic_min(lo, hi, left, right)
-        # Keep trial points away from the bracket's ends, or the bracket may stop shrinking.
-        eps = 0.1 * (right - left)
-        if min(right - t, t - left) < eps:
-            if stuck or t >= right or t <= left:
-                t = right - eps if abs(t - right) < abs(t - left) else left + eps
-                stuck = False
-            else:
-                stuck = True
-        else:
-            stuck = False
-        cur = yield t
-        n += 1
-        if not (math.isfinite(cur.f) and math.isfinite(cur.gtd)):
-            return None
-        if armijo_fails(cur, lo):
-            hi = cur
-        else:
-            if abs(cur.gtd) <= -c2 * g0:
-                return cur
-            if cur.gtd * (hi.t - lo.t) >= 0:
-                hi = lo
-            lo = cur
-    return lo
-
-
 def batched_lbfgs(evaluate: Evaluate, x: Tensor, options: LBFGSOptions, *,
                   on_iteration: Optional[OnIteration] = None,
                   direction: Callable = twins.lbfgs_direction):
@@ -158,157 +73,239 @@ def batched_lbfgs(evaluate: Evaluate, x: Tensor, options: LBFGSOptions, *,
     ``direction(g, S, Y, rho, gamma)`` is the two-loop recursion of the chosen backend.
     ``on_iteration(samples, x, f, done)`` runs after every batched evaluation in which the samples
     ``done`` (a list) completed an iteration; ``x`` holds each sample's latest iterate (samples
-    advance at their own pace: ``samples.nit``). Returning True stops all.
+    advance at their own pace: ``samples.nit``). Returning True stops all; it may also stop single
+    samples with ``samples.stop(i, why)``.
     Returns ``(x [B, D], f [B], x1 [B, *S], samples)``; each sample ends on its last accepted
     (finite) iterate with ``samples.status[i]`` saying why it stopped.
     """
     st = _LBFGS(evaluate, x, options.checked(), direction)
-    while True:
-        st.start_searches()
-        if not st.pending:
-            break
-        done = st.evaluate_pending()
-        if done and on_iteration is not None and on_iteration(st.smp, st.x, st.f, done):
-            for i in st.smp.active():
-                st.smp.stop(i, "callback")
-            st.drop_stopped()
+    while st.active:
+        done = st.evaluate_active()
+        if done and on_iteration is not None:
+            if on_iteration(st.smp, st.x, st.f, done):
+                for i in st.smp.active():
+                    st.smp.stop(i, "callback")
+            st.adopt_host_stops()  # the callback may also stop single samples ("target")
     return st.x, st.f, st.x1, st.smp
 
 
+#: per-sample status codes on the device (0: still optimizing) and their names in Samples.status
+STATUSES = ("converged", "max_iter", "max_eval", "nonfinite", "line_search_failed")
+_CODE = {name: k + 1 for k, name in enumerate(STATUSES)}
+_HOST_STOP = -1  # stopped from the host (callback, target): Samples.status has the reason
+
+
+def _to_device(ids: list[int], device: torch.device) -> Tensor:
+    """Sample indices as an int64 tensor on ``device`` without waiting for it: from pinned memory
+    with a non-blocking copy on CUDA (a pageable copy would synchronise the stream)."""
+    t = torch.tensor(ids, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class _Rows:
+    """The rows a step works on: ``ids`` [n] (on the device; what ``evaluate`` is given), and
+    whether they are all B rows in order, where reading a [B, ...] tensor's rows is the tensor
+    itself and writing them a copy (no gathers or scatters while every sample is active).
+    Reads may alias the state: callers read everything they need before they write."""
+
+    def __init__(self, ids: Tensor, B: int, every: bool):
+        self.ids, self.B, self.every = ids, B, every
+        self.n = B if every else ids.shape[0]
+
+    def take(self, t: Tensor) -> Tensor:
+        return t if self.every else t.index_select(0, self.ids)
+
+    def put(self, t: Tensor, v: Tensor) -> None:
+        if self.every:
+            t.copy_(v)
+        else:
+            t.index_copy_(0, self.ids, v)
+
+    def full(self, v: Tensor, fill: float) -> Tensor:
+        """[n] -> [B] float64, ``fill`` outside the rows."""
+        v = v.double()
+        if self.every:
+            return v
+        return torch.full((self.B,), fill, dtype=torch.float64, device=v.device).index_copy_(
+            0, self.ids, v)
+
+    def mask(self) -> Tensor:
+        """[B] bool: these rows."""
+        m = torch.zeros(self.B, dtype=torch.bool, device=self.ids.device)
+        return m.fill_(True) if self.every else m.index_fill_(0, self.ids, True)
+
+
 class _LBFGS:
-    """The state of a batched L-BFGS run: iterates ``x`` [B, D], values ``f`` [B], gradients
-    ``g`` [B, D] and solutions ``x1`` [B, *S] of each sample's accepted point; the histories
-    ``S, Y`` [B, m, D], ``rho`` [B, m], ``gamma`` [B]; each searching sample's direction ``d``
-    [B, D], its line search and the step it wants evaluated next.
+    """The state of a batched L-BFGS run, all of it on x's device: iterates ``x`` [B, D], values
+    ``f`` [B], gradients ``g`` [B, D] and solutions ``x1`` [B, *S] of each sample's accepted point;
+    the histories ``S, Y`` [B, m, D], ``rho`` [B, m] as rings whose oldest slot (the next one
+    written) is ``pos`` [B], ``gamma`` [B]; directions ``d`` [B, D];
+    ``status`` [B] (0 while active, else 1 + its index in :data:`STATUSES`), ``nit``, ``nfev``
+    [B]; the line searches ``ls`` and the gradient ``g_lo`` [B, D] and solution ``x1_lo``
+    [B, *S] of each search's best point. The host keeps ``smp`` (:class:`Samples`) and the list
+    ``active``, both updated from one read per batched evaluation.
 
     Samples advance asynchronously (module docstring): the number of batched evaluations is the
     largest per-sample count, not the sum over iterations of the longest line search."""
 
     def __init__(self, evaluate: Evaluate, x: Tensor, opt: LBFGSOptions, direction: Callable):
         B, D = x.shape
-        m = opt.history_size
+        m, dev = opt.history_size, x.device
         self.evaluate, self.opt, self.direction = evaluate, opt, direction
         self.x = x.clone()
         self.f, self.g, self.x1 = evaluate(None, self.x)
-        self.smp = Samples(B)
-        self.smp.start(self.f, self.g)
-        for i, small in enumerate((self.g.abs().amax(1) <= opt.tolerance_grad).tolist()):
-            if small:
-                self.smp.stop(i, "converged")
         self.S = x.new_zeros(B, m, D)
         self.Y = x.new_zeros(B, m, D)
         self.rho = x.new_zeros(B, m)
         self.gamma = x.new_ones(B)
+        self.pos = torch.zeros(B, dtype=torch.int64, device=dev)
         self.d = torch.zeros_like(x)
-        self.searches: dict[int, LineSearch] = {}
-        self.pending: dict[int, float] = {}  # sample -> the step its search wants evaluated next
+        self.g_lo = torch.zeros_like(self.g)
+        self.x1_lo = torch.zeros_like(self.x1)
+        self.status = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.nit = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.nfev = torch.ones(B, dtype=torch.int64, device=dev)
+        self.ls = WolfeSearches(B, dev, opt.tolerance_change)
+        self._stop(~(torch.isfinite(self.f) & torch.isfinite(self.g).all(1)), "nonfinite")
+        # in g's dtype, as torch.optim.LBFGS's first test (the later ones compare in float64)
+        self._stop(self.g.abs().amax(1) <= opt.tolerance_grad, "converged")
+        self.every = _Rows(torch.arange(B, device=dev), B, every=True)
+        self._begin(self.every, self.status == 0)
+        self.smp = Samples(B)
+        status, f = torch.stack((self.status.double(), self.f.double())).tolist()  # the one read
+        for i in range(B):
+            self.smp.nfev[i] = 1
+            self.smp.history[i].append(f[i])
+        self._read_status(range(B), status)
 
-    def start_searches(self) -> None:
-        """Begin an iteration for every active sample without a search: its L-BFGS direction
-        (batched two-loop recursion) into ``d`` and a strong-Wolfe search whose first step goes
-        into ``pending``."""
-        fresh = [i for i in self.smp.active() if i not in self.searches]
-        if not fresh:
-            return
-        opt, smp = self.opt, self.smp
-        idx = torch.tensor(fresh, device=self.x.device)
-        g_i = self.g[idx]
-        d_i = self.direction(g_i, self.S[idx], self.Y[idx], self.rho[idx], self.gamma[idx])
-        self.d[idx] = d_i
-        gtd = (g_i * d_i).sum(1).tolist()
-        g_l1 = g_i.abs().sum(1).tolist()
-        d_inf = d_i.abs().amax(1).tolist()
-        f_now = self.f[idx].tolist()  # one device sync, not one per sample
-        for r, i in enumerate(fresh):
-            if not gtd[r] <= -opt.tolerance_change:  # not a descent direction (or NaN)
-                smp.stop(i, "converged")
-                continue
-            t = min(1.0, 1.0 / g_l1[r]) * opt.lr if smp.nit[i] == 0 else opt.lr
-            ls = strong_wolfe(t, Trial(0.0, f_now[r], gtd[r]), d_inf[r],
-                              tolerance_change=opt.tolerance_change)
-            self.searches[i] = ls
-            self.pending[i] = next(ls)
+    def _stop(self, rows: Tensor, why: str) -> None:
+        """Stop the still-active samples of the [B] mask ``rows`` with status ``why``."""
+        self.status = torch.where(rows & (self.status == 0), _CODE[why], self.status)
 
-    def evaluate_pending(self) -> list[int]:
-        """One batched evaluation of every pending trial step; feeds each result to its search
-        and accepts the points of the searches that ended. Returns the samples that moved."""
-        ids = list(self.pending)
-        sel = torch.tensor(ids, device=self.x.device)
-        # Steps rounded to x's dtype (the step actually taken), read back without a sync.
-        ts_host = torch.tensor([self.pending[i] for i in ids], dtype=self.x.dtype)
-        steps = ts_host.tolist()
-        di = self.d[sel]
-        xt = self.x[sel] + ts_host.to(self.x.device)[:, None] * di
-        ft, gt, x1t = self.evaluate(sel, xt)
-        gtd_t = (gt * di).sum(1).tolist()
-        self.pending = {}
-        accepted: dict[int, Optional[Trial]] = {}
-        for r, (i, fi) in enumerate(zip(ids, ft.tolist())):
+    def _read_status(self, ids, status: list[float]) -> None:
+        """Record on the host the device statuses of the samples ``ids``."""
+        for i in ids:
+            if status[i]:
+                self.smp.stop(i, STATUSES[int(status[i]) - 1])
+        self.active = self.smp.active()
+
+    def adopt_host_stops(self) -> None:
+        """Stop on the device the samples stopped on the host since the last evaluation (a
+        non-blocking upload, only when there are any)."""
+        now = self.smp.active()
+        if len(now) < len(self.active):
+            gone = sorted(set(self.active) - set(now))
+            self.status.index_fill_(0, _to_device(gone, self.status.device), _HOST_STOP)
+            self.active = now
+
+    def _begin(self, rows: _Rows, start: Tensor) -> None:
+        """Begin an iteration for the ``rows`` whose [B] mask ``start`` is set: the L-BFGS
+        direction (batched two-loop recursion over ``rows``) into ``d``, the descent test, and a
+        strong-Wolfe search whose first step is 1 / ||g||_1 (capped at 1) times lr in a sample's
+        first iteration and lr afterwards (as torch.optim.LBFGS)."""
+        opt = self.opt
+        g_i = rows.take(self.g)
+        # Each row's ring read oldest first: the order the two-loop recursion expects (one flat
+        # index_select per history: advanced indexing with two index tensors is slower on CPUs).
+        n, m, D = rows.n, self.rho.shape[1], self.x.shape[1]
+        ring = (rows.ids[:, None] * m + (rows.take(self.pos)[:, None]
+                                         + torch.arange(m, device=g_i.device)) % m).flatten()
+        d_i = self.direction(g_i, self.S.view(-1, D).index_select(0, ring).view(n, m, D),
+                             self.Y.view(-1, D).index_select(0, ring).view(n, m, D),
+                             self.rho.view(-1).index_select(0, ring).view(n, m),
+                             rows.take(self.gamma))
+        d_i = torch.where(rows.take(start)[:, None], d_i, rows.take(self.d))
+        gtd = rows.full((g_i * d_i).sum(1), 0.0)
+        g_l1 = rows.full(g_i.abs().sum(1), 0.0)
+        d_inf = rows.full(d_i.abs().amax(1), 0.0)
+        rows.put(self.d, d_i)
+        self._stop(start & ~(gtd <= -opt.tolerance_change), "converged")  # not descent (or NaN)
+        start = start & (self.status == 0)
+        t = torch.where(self.nit == 0, torch.minimum(1.0 / g_l1, torch.ones_like(g_l1)) * opt.lr,
+                        torch.full_like(g_l1, opt.lr))
+        # torch.optim.LBFGS's budget: a search may take max_eval - (evaluations so far) + 1
+        self.ls.start(start, t, self.f.double(), gtd, d_inf, opt.max_eval - self.nfev + 1)
+
+    def evaluate_active(self) -> list[int]:
+        """One batched evaluation of every active sample's trial step; advances the line
+        searches, accepts the points of those that ended and begins their next iterations, then
+        reads the outcome in one transfer. Returns the samples that moved (completed an
+        iteration)."""
+        ids, B, dt = self.active, self.x.shape[0], self.x.dtype
+        rows = (self.every if len(ids) == B else
+                _Rows(_to_device(ids, self.x.device), B, every=False))
+        t = rows.take(self.ls.t).to(dt)  # the step actually taken, rounded to x's dtype
+        d_i = rows.take(self.d)
+        xt = rows.take(self.x) + t[:, None] * d_i
+        ft, gt, x1t = self.evaluate(rows.ids, xt)
+        ev = rows.mask()
+        self.nfev += ev.long()
+        takes, ends, bad = self.ls.step(ev, rows.full(t, math.nan), rows.full(ft, math.nan),
+                                        rows.full((gt * d_i).sum(1), math.nan))
+        take = rows.take(takes)
+        rows.put(self.g_lo, torch.where(take[:, None], gt, rows.take(self.g_lo)))
+        rows.put(self.x1_lo, torch.where(take.view(-1, *[1] * (x1t.dim() - 1)), x1t,
+                                         rows.take(self.x1_lo)))
+        self._stop(bad, "nonfinite")  # keeps its last finite iterate
+        # no decrease found: within the budget, or before the budget ran out
+        self._stop(ends & self.ls.lo_is_start & (self.nfev >= self.opt.max_eval), "max_eval")
+        self._stop(ends & self.ls.lo_is_start, "line_search_failed")
+        moved = ends & (self.status == 0)
+        self._accept(rows, moved)
+        self._begin(rows, moved & (self.status == 0))
+        status, moved_h, f = torch.stack((self.status.double(), moved.double(),
+                                          self.ls.f_lo)).tolist()  # the one read
+        done = []
+        for i in ids:
             self.smp.nfev[i] += 1
-            try:
-                self.pending[i] = self.searches[i].send(
-                    Trial(steps[r], fi, gtd_t[r], xt[r], gt[r], x1t[r]))
-            except StopIteration as done:
-                accepted[i] = done.value
-                del self.searches[i]
-        return self.accept(accepted) if accepted else []
+            if moved_h[i]:
+                self.smp.nit[i] += 1
+                self.smp.history[i].append(f[i])
+                done.append(i)
+        self._read_status(ids, status)
+        return done
 
-    def drop_stopped(self) -> None:
-        """Forget the searches of samples stopped from outside (the callback)."""
-        for i in [i for i in self.pending if self.smp.status[i] is not None]:
-            del self.pending[i], self.searches[i]
+    def _accept(self, rows: _Rows, moved: Tensor) -> None:
+        """Move the ``rows`` whose [B] mask ``moved`` is set to their search's accepted point,
+        update their histories and apply the stopping tests of torch.optim.LBFGS."""
+        opt, mv = self.opt, rows.take(moved)
+        x_old, g_old, f_old = rows.take(self.x), rows.take(self.g), rows.take(self.f)
+        # The accepted point's x exactly as it was evaluated: x + t d with t in x's dtype.
+        x_new = x_old + rows.take(self.ls.t_lo).to(x_old.dtype)[:, None] * rows.take(self.d)
+        g_new = rows.take(self.g_lo)
+        s, y = x_new - x_old, g_new - g_old
+        g_inf, step_inf = rows.full(g_new.abs().amax(1), 0.0), rows.full(s.abs().amax(1), 0.0)
+        f_change = (self.ls.f_lo - rows.full(f_old, 0.0)).abs()
+        self._update_history(rows, mv, s, y)
+        col = mv[:, None]
+        rows.put(self.x, torch.where(col, x_new, x_old))
+        rows.put(self.g, torch.where(col, g_new, g_old))
+        rows.put(self.f, torch.where(mv, rows.take(self.ls.f_lo).to(f_old.dtype), f_old))
+        rows.put(self.x1, torch.where(mv.view(-1, *[1] * (self.x1.dim() - 1)),
+                                      rows.take(self.x1_lo), rows.take(self.x1)))
+        self.nit += moved.long()
+        self._stop(moved & (self.nit >= opt.max_iter), "max_iter")
+        self._stop(moved & (self.nfev >= opt.max_eval), "max_eval")
+        self._stop(moved & (g_inf <= opt.tolerance_grad), "converged")
+        self._stop(moved & ((step_inf <= opt.tolerance_change) | (f_change < opt.tolerance_change)),
+                   "converged")
 
-    def accept(self, accepted: dict[int, Optional[Trial]]) -> list[int]:
-        """Move each sample to its accepted point, update its history and test its stopping
-        rules; returns the samples that moved (completed an iteration)."""
-        smp, opt = self.smp, self.opt
-        moved = []
-        for i, tr in accepted.items():
-            if tr is None:
-                smp.stop(i, "nonfinite")  # keeps its last finite iterate
-            elif tr.x is None:
-                smp.stop(i, "line_search_failed")  # no decrease along a descent direction
-            else:
-                moved.append(i)
-        if not moved:
-            return moved
-        idx = torch.tensor(moved, device=self.x.device)
-        trials = [accepted[i] for i in moved]
-        x_new = torch.stack([tr.x for tr in trials])
-        g_new = torch.stack([tr.g for tr in trials])
-        s = x_new - self.x[idx]
-        y = g_new - self.g[idx]
-        self._update_history(idx, s, y)
-        f_old = self.f[idx].tolist()
-        step_inf = s.abs().amax(1).tolist()
-        g_inf = g_new.abs().amax(1).tolist()
-        self.x[idx] = x_new
-        self.g[idx] = g_new
-        self.f[idx] = torch.tensor([tr.f for tr in trials], dtype=self.f.dtype,
-                                   device=self.f.device)
-        self.x1[idx] = torch.stack([tr.x1 for tr in trials])
-        for r, (i, tr) in enumerate(zip(moved, trials)):
-            smp.nit[i] += 1
-            smp.history[i].append(tr.f)
-            if smp.nit[i] >= opt.max_iter:
-                smp.stop(i, "max_iter")
-            elif smp.nfev[i] >= opt.max_eval:
-                smp.stop(i, "max_eval")
-            elif g_inf[r] <= opt.tolerance_grad:
-                smp.stop(i, "converged")
-            elif step_inf[r] <= opt.tolerance_change or abs(tr.f - f_old[r]) < opt.tolerance_change:
-                smp.stop(i, "converged")
-        return moved
-
-    def _update_history(self, idx: Tensor, s: Tensor, y: Tensor) -> None:
-        """Append the curvature pairs (s, y) of samples ``idx``; pairs with <y, s> too small are
-        skipped (the inverse-Hessian update needs it > 0)."""
+    def _update_history(self, rows: _Rows, mv: Tensor, s: Tensor, y: Tensor) -> None:
+        """Append the curvature pairs (s, y) [n, D] of the ``rows`` with mask ``mv``; pairs
+        with <y, s> too small are skipped (the inverse-Hessian update needs it > 0)."""
         ys = (y * s).sum(1)
         yy = (y * y).sum(1)
-        keep = ys > 1e-10
-        if bool(keep.any()):
-            k = idx[keep]
-            self.S[k] = torch.cat((self.S[k, 1:], s[keep, None]), 1)
-            self.Y[k] = torch.cat((self.Y[k, 1:], y[keep, None]), 1)
-            self.rho[k] = torch.cat((self.rho[k, 1:], (1.0 / ys[keep])[:, None]), 1)
-            self.gamma[k] = ys[keep] / yy[keep]
+        keep = mv & (ys > 1e-10)
+        # Overwrite each kept row's oldest slot (a ring: no copy of the other m - 1 pairs).
+        m, D = self.rho.shape[1], s.shape[1]
+        p = rows.take(self.pos)
+        slot = rows.ids * m + p  # rows of the [B * m, ...] views
+        col = keep[:, None]
+        for hist, new in ((self.S.view(-1, D), s), (self.Y.view(-1, D), y)):
+            hist.index_copy_(0, slot, torch.where(col, new, hist.index_select(0, slot)))
+        rho = self.rho.view(-1)
+        rho.index_copy_(0, slot, torch.where(keep, 1.0 / ys, rho.index_select(0, slot)))
+        rows.put(self.gamma, torch.where(keep, ys / yy, rows.take(self.gamma)))
+        rows.put(self.pos, (p + keep.long()) % m)
