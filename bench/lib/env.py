@@ -8,7 +8,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,36 +26,16 @@ def command(module: str, argv: Optional[Sequence[str]] = None) -> str:
 
 
 def git_commit() -> dict:
-    """HEAD commit and whether the tracked files differ from it (read-only git calls)."""
-    def git(*args: str) -> Optional[str]:
-        try:
-            out = subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO_ROOT,
-                                 capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    # A copied working tree (the device tool's) can carry a stale .git: the caller names the
-    # commit it copied instead.
-    if os.environ.get("DFLOW_FAST_COMMIT"):
-        return {"commit": os.environ["DFLOW_FAST_COMMIT"], "dirty": None,
-                "commit_from": "DFLOW_FAST_COMMIT"}
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    # Other files change while a benchmark runs in a shared checkout: record that the numbers
-    # belong to HEAD plus local edits, not to HEAD alone.
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    """HEAD commit and whether the tracked files differ from it (read-only git calls), or the
+    commit named by ``$DFLOW_FAST_COMMIT``: :func:`dflow_fast.apps.provenance.git_commit` on this
+    checkout, the same fields every report of the package records."""
+    from dflow_fast.apps.provenance import git_commit as _git_commit
+    return _git_commit(REPO_ROOT)
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from dflow_fast.apps.provenance import cpu_name
+    return cpu_name()
 
 
 def environment(device: torch.device | str) -> dict:

@@ -1,0 +1,31 @@
+"""``dflow-fast run``: the command line's arguments to :func:`~dflow_fast.jobs.runner.run`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import JobConfig, JobInputError
+from .runner import run
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the job the parsed ``args`` describe; a refusal prints its message (no traceback)
+    and returns 2, before anything is written."""
+    logging.basicConfig(level=logging.INFO, format="dflow-fast run: %(message)s")
+    cfg = JobConfig(task=args.task, data=args.data, out=args.out, indices=args.indices,
+                    model=args.model, batch=args.batch, steps=args.steps, solver=args.solver,
+                    gradient=args.gradient, max_iter=args.max_iter, sigma=args.sigma,
+                    alpha=args.alpha, seed=args.seed, dtype=args.dtype, device=args.device,
+                    threads=args.threads, resume=args.resume, progress=not args.no_progress)
+    try:
+        report = run(cfg)
+    except JobInputError as e:
+        print(f"dflow-fast run: error: {e}", file=sys.stderr)
+        return 2
+    if "summary" in report:  # rank 0
+        s = report["summary"]
+        print(f"{report['inputs']['n']} problems: {s['status']}, mean loss "
+              f"{s['loss']['mean']}; wrote {cfg.out}/results.safetensors, report.json, "
+              "report.md")
+    return 0
