@@ -11,6 +11,11 @@ Tasks (``make(name, x, ...)``):
     ``denoise``        additive Gaussian noise only;
     ``class``          class-conditional generation through a classifier (non-linear cost:
                        cross-entropy of the target label).
+
+Molecules (molecules.py, a separate registry ``MOLECULE_TASKS``: their states are padded point
+clouds ``[B, M, 3 + K]`` with node masks, not images, so they stay out of ``TASKS``, which the
+image demo and batch jobs iterate): ``molecule_problem(regressor, targets, mask)`` steers each
+molecule's property (``alpha``) to its target; docs/molecules.md.
 """
 from __future__ import annotations
 
@@ -21,13 +26,15 @@ from .base import Problem
 from .classifier import ClassifierProblem, class_problem
 from .linear import (AvgPool, GaussianBlur, Identity, LinearOperator, LinearProblem, Mask,
                      center_box_mask, linear_problem, operator_for)
+from .molecules import MOLECULE_TASKS, MoleculeProblem, molecule_problem
 
 LINEAR_TASKS = ("inpaint_box", "inpaint_random", "sr2", "sr4", "deblur", "denoise")
 TASKS = LINEAR_TASKS + ("class",)
 
 __all__ = ["make", "TASKS", "LINEAR_TASKS", "Problem", "LinearProblem", "ClassifierProblem",
            "LinearOperator", "Mask", "AvgPool", "GaussianBlur", "Identity", "center_box_mask",
-           "linear_problem", "class_problem", "operator_for"]
+           "linear_problem", "class_problem", "operator_for", "MOLECULE_TASKS",
+           "MoleculeProblem", "molecule_problem"]
 
 
 def make(name: str, x: Tensor, *, sigma: float = 0.05, missing: float = 0.7,
