@@ -159,9 +159,12 @@ def expand_methods(names: list[str], device: str, error) -> list[str]:
     return out
 
 
-def _measured_call(method, velocity, net, x0, target, kw, device):
-    """One gradient under the memory meters and a call counter: (g, memory dict, calls)."""
-    counted = CountingVelocity(velocity)
+def _measured_call(method, counted, net, x0, target, kw, device):
+    """One gradient under the memory meters and a call counter: (g, memory dict, calls).
+    ``counted``: the run's one CountingVelocity around the velocity, the same object at every
+    call (gradient="auto" measures its memory plan once per velocity object, which the untimed
+    warm-up does, as an application's first call would)."""
+    counted.n = 0
 
     def run():
         return saved_bytes_gradient(method, counted, net, x0, target, **kw)
@@ -192,6 +195,7 @@ def measure(args, cmd: str | None = None) -> dict:
     net, shape = build_velocity(args.config, device=device, dtype=dtype, seed=args.seed)
     import dflow_fast
     velocity = dflow_fast.ModelVelocity(net)
+    counted = CountingVelocity(velocity)  # the measured calls' velocity (memory, call counts)
     velocity64 = dflow_fast.ModelVelocity(copy.deepcopy(net).double()) if args.fp64_check else None
     gen = torch.Generator().manual_seed(args.seed)
     nfe_per_step = 2 if args.solver == "midpoint" else 1
@@ -205,8 +209,9 @@ def measure(args, cmd: str | None = None) -> dict:
         # the memory measured for whichever method runs first.
         xw = torch.randn(batch, *shape, generator=gen).to(device=device, dtype=dtype)
         for m in methods:
-            guard_oom(functools.partial(one_gradient, m, velocity, xw, xw,
-                                        steps=min(args.steps), solver=args.solver), device)
+            for v in (velocity, counted):  # the timed and the measured calls' velocity
+                guard_oom(functools.partial(one_gradient, m, v, xw, xw,
+                                            steps=min(args.steps), solver=args.solver), device)
         del xw
         for steps in args.steps:
             x0 = torch.randn(batch, *shape, generator=gen).to(device=device, dtype=dtype)
@@ -226,7 +231,7 @@ def measure(args, cmd: str | None = None) -> dict:
 
             mem, grads, calls = {}, {}, {}
             for method in todo:
-                out = guard_oom(functools.partial(_measured_call, method, velocity, net, x0,
+                out = guard_oom(functools.partial(_measured_call, method, counted, net, x0,
                                                   target, kw, device), device)
                 if out != "oom":
                     grads[method], mem[method], calls[method] = out
@@ -311,6 +316,7 @@ def measure(args, cmd: str | None = None) -> dict:
         "vjp": vjp_rows,
     }
     payload["goals"] = goals(payload)
+    payload["auto_goals"] = auto_goals(payload)
     return payload
 
 
@@ -362,6 +368,43 @@ def goals(payload: dict) -> list[dict]:
             "mem_vs_vjp_plus_states<=1.15": _le(g["mem_vs_vjp_plus_states"], 1.15),
             "mem_vs_backprop<=0.1": _le(g["mem_vs_backprop"], 0.1),
             "time_vs_backprop<=1.45": _le(g["time_vs_backprop"], 1.45)}
+        out.append(g)
+    return out
+
+
+#: how the tables name dflow_fast's "auto" methods
+LABELS = {"auto": "auto (default)", "auto-0": "auto, budget 0"}
+
+
+def auto_goals(payload: dict) -> list[dict]:
+    """gradient="auto" (the default) against backprop and the adjoint, per batch at GOAL_STEPS
+    steps (or the nearest measured): with the default budget everything fits on these sizes, so
+    auto's time <= 1.05 x backprop's; with budget 0 ("a small budget") its peak memory is the
+    adjoint's (<= 1.0 x, the adjoint of the same backend "auto")."""
+    rows = [r for r in payload["results"] if r["status"] == "ok"]
+    if not rows:
+        return []
+    steps = min({r["steps"] for r in rows}, key=lambda s: (abs(s - GOAL_STEPS), s))
+    at = {(r["batch"], r["method"]): r for r in rows if r["steps"] == steps}
+    out = []
+    for batch in sorted({b for b, _ in at}):
+        auto, small, bp = (at.get((batch, m)) for m in ("auto", "auto-0", "backprop"))
+        adj = at.get((batch, "adjoint")) or at.get((batch, "adjoint-cpp")) \
+            or at.get((batch, "adjoint-cuda"))
+        if auto is None or bp is None:
+            continue
+        g = {"batch": batch, "steps": steps,
+             "time_vs_backprop": _ratio(auto["time_s"], bp["time_s"]),
+             "mem_vs_backprop": _ratio(auto["peak_bytes"], bp["peak_bytes"]),
+             "calls": auto["velocity_calls"], "backprop_calls": bp["velocity_calls"],
+             "small_budget_mem_vs_adjoint": None if small is None or adj is None else
+             _ratio(small["peak_bytes"], adj["peak_bytes"]),
+             "small_budget_rss_vs_adjoint": None if small is None or adj is None else
+             _ratio(small.get("rss_peak_bytes"), adj.get("rss_peak_bytes")),
+             "adjoint_method": None if adj is None else adj["method"]}
+        g["met"] = {"time_vs_backprop<=1.05": _le(g["time_vs_backprop"], 1.05),
+                    "small_budget_mem_vs_adjoint<=1.0":
+                        _le(g["small_budget_mem_vs_adjoint"], 1.0)}
         out.append(g)
     return out
 
@@ -425,12 +468,14 @@ def markdown(payload: dict, meta: dict) -> str:
             if r["batch"] != batch:
                 continue
             if r["status"] != "ok":
-                lines.append(f"| {r['steps']} | {r['method']} | – | {r['status']} | – | "
+                lines.append(f"| {r['steps']} | {LABELS.get(r['method'], r['method'])} | – | "
+                             f"{r['status']} | – | "
                              f"{r['status']} | – |" + (" – | – |" if rss else "")
                              + " – | – |")
                 continue
             lines.append(
-                f"| {r['steps']} | {r['method']} | {r['velocity_calls']} | {r['time_s']:.3f} "
+                f"| {r['steps']} | {LABELS.get(r['method'], r['method'])} "
+                f"| {r['velocity_calls']} | {r['time_s']:.3f} "
                 f"| {_fmt(r.get('time_ratio_vs_ref'), '.2f')} "
                 f"| {_fmt(r['peak_mib'], '.2f', 'n/a')} "
                 f"| {_fmt(r.get('mem_ratio_vs_ref'), '.3f')} |"
@@ -472,7 +517,34 @@ def markdown(payload: dict, meta: dict) -> str:
                          f"| {cell('mem_vs_backprop', 'rss_vs_backprop', 0.1)} "
                          f"| {cell('time_vs_backprop', None, 1.45)} "
                          f"| {_fmt(g.get('time_vs_backprop_predicted'), '.3f')} |")
+    lines += _auto_goal_lines(payload.get("auto_goals") or [], rss)
     return "\n".join(lines) + "\n"
+
+
+def _auto_goal_lines(goals_: list[dict], rss: bool) -> list[str]:
+    """The table of :func:`auto_goals`."""
+    if not goals_:
+        return []
+
+    def mark(v, bound, spec):
+        return "–" if v is None else format(v, spec) + (" ✓" if v <= bound else " ✗")
+
+    lines = ["", f"## gradient=\"auto\" (the default) at {goals_[0]['steps']} steps", "",
+             "Goals: with the default budget (everything fits here) time ≤ 1.05 x backprop's; "
+             "with budget 0 peak memory ≤ the adjoint's (same backend). \"calls\": velocity "
+             "evaluations per gradient; the measuring step of auto's memory plan runs once per "
+             "velocity (in the untimed warm-up call here), not per gradient."
+             + (" Memory in saved bytes (RSS in parentheses)." if rss else ""), "",
+             "| batch | auto calls | backprop calls | auto time / backprop | auto peak / backprop "
+             "| budget 0: peak / adjoint |", "|---:|---:|---:|---:|---:|---:|"]
+    for g in goals_:
+        small = mark(g["small_budget_mem_vs_adjoint"], 1.0, ".4f")
+        if rss and g.get("small_budget_rss_vs_adjoint") is not None:
+            small += f" ({g['small_budget_rss_vs_adjoint']:.3f})"
+        lines.append(f"| {g['batch']} | {g['calls']} | {g['backprop_calls']} "
+                     f"| {mark(g['time_vs_backprop'], 1.05, '.3f')} "
+                     f"| {_fmt(g['mem_vs_backprop'], '.4f')} | {small} |")
+    return lines
 
 
 _STYLE = {"reference": dict(marker="o", ls="-", ms=9, mfc="none", color="black"),
@@ -594,6 +666,7 @@ def main(argv=None, *, preset=(), module=MODULE, **parse_kw) -> int:
         doc = json.loads(args.render.read_text())
         meta = doc.pop("meta")
         doc["goals"] = goals(doc)
+        doc["auto_goals"] = auto_goals(doc)
         write_json(args.render, doc, meta["device"], meta)
         args.render.with_suffix(".md").write_text(markdown(doc, meta))
         if args.plot:

@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from .core.checks import check_gradient, check_x0
+from .core.compiled import CompiledVelocity, check_compile
 from .core.plan import Plan, make_plan
+from .core.precision import resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.dispatch import run
 from .optim.adam import AdamOptions, batched_adam
@@ -131,9 +133,12 @@ class _Objective:
             full = x1 if idx is None else self.x1_full.index_put((idx,), x1)
             c = self._cost(full)
             f = c if idx is None else c[idx]
-            fused = isinstance(self.reg, ChiPrior)  # value and gradient in one fused op
+            # value and gradient in one fused op, unless d is per sample (ChiPrior(dim=...))
+            fused = isinstance(self.reg, ChiPrior) and self.reg.fusable
             if self.reg is not None and not fused:
-                f = f + self.reg(x0)
+                # a per-sample prior follows the rows being evaluated, as cond does
+                reg = self.reg.rows(idx) if isinstance(self.reg, ChiPrior) else self.reg
+                f = f + reg(x0)
             if f.grad_fn is None:
                 raise ValueError("cost(x1) does not depend on x1: there is nothing to optimize")
             g, = torch.autograd.grad(f.sum(), x0)
@@ -154,7 +159,7 @@ class _Objective:
 
 
 def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int] = None,
-             solver: str = "midpoint", gradient: str = "adjoint", optimizer: str = "lbfgs",
+             solver: str = "midpoint", gradient: str = "auto", optimizer: str = "lbfgs",
              options: Optional[Options] = None, t0: float = 0.0, t1: float = 1.0,
              time_grid: Sequence[float] | Tensor | None = None,
              regularization: Optional[Cost] = None,
@@ -162,6 +167,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
              progress: bool = False, backend: Optional[str] = None,
              coupling: Optional[float] = None, memory_budget: Optional[float] = None,
              stop_loss: float | Tensor | None = None, cond: Mapping[str, Any] | None = None,
+             autocast: Optional[torch.dtype] = None,
+             compile: bool | Mapping[str, Any] = False,
              **optimizer_kwargs) -> OptimizeResult:
     """D-Flow: minimize ``cost(x1(x0)) + regularization(x0)`` over the source points x0.
 
@@ -177,8 +184,10 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         steps, solver, t0, t1, time_grid: the ODE solve, as in :func:`solve`. Defaults follow the
             paper's recipe as publicly re-implemented: midpoint, 6 steps (``steps=None`` without
             a ``time_grid`` means 6) from t=0 to t=1.
-        gradient: ``"adjoint"`` (default; exact, memory of one step), ``"backprop"``,
-            ``"reversible"`` (reversible solvers) or ``"auto"``, as in :func:`solve`.
+        gradient: ``"auto"`` (default: backprop's speed where the graphs fit ``memory_budget``,
+            the adjoint's memory where they do not; its measuring step runs once per velocity,
+            not per evaluation), ``"adjoint"`` (exact, memory of one step), ``"backprop"`` or
+            ``"reversible"`` (reversible solvers), as in :func:`solve`.
         optimizer: ``"lbfgs"`` (default; per-sample histories and strong-Wolfe line search) or
             ``"adam"``.
         options: the optimizer's settings, an :class:`LBFGSOptions` (max_iter 20, max_eval
@@ -203,6 +212,15 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         cond: keyword arguments of the velocity, as in :func:`solve`: each per-sample tensor
             (first dimension B) is indexed with the rows being evaluated, so a sample always
             sees its own conditioning however the active set shrinks.
+        autocast: ``None``, ``torch.bfloat16`` or ``torch.float16``: the velocity under
+            ``torch.autocast``, as in :func:`solve`. The cost, the χ_d prior and the optimizer's
+            state (iterates, gradients, L-BFGS history) stay in x0's dtype (float32); inside a
+            caller's autocast region (``autocast=None`` takes its dtype) they run with autocast
+            disabled.
+        compile: ``True`` compiles the velocity with ``torch.compile`` (inductor), a mapping
+            passes its keyword arguments (``{"backend": "aot_eager"}``, ``{"mode": ...}``). The
+            batch dimension is compiled dynamic, so the shrinking active set does not recompile
+            at every batch size (:mod:`dflow_fast.core.compiled`). Default False.
 
     Returns:
         :class:`OptimizeResult`.
@@ -213,13 +231,16 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     if regularization is not None and not callable(regularization):
         raise TypeError("regularization must be callable as R(x0) -> [B] or None")
     check_gradient(gradient, memory_budget)
-    u = CheckedVelocity(velocity, cond, x0.shape[0])
+    low = resolve_autocast(autocast, x0)
+    compile_options = check_compile(compile)
+    call = velocity if compile_options is None else CompiledVelocity(velocity, compile_options)
+    u = CheckedVelocity(call, cond, x0.shape[0], autocast=low, key=velocity)
     opts = optimizer_options(optimizer, options, optimizer_kwargs)
     targets = _check_stop_loss(stop_loss, x0.shape[0])
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
     plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend, gradient=gradient,
-                     coupling=coupling)
+                     coupling=coupling, autocast=low)
 
     cuda = x0.is_cuda
     if cuda:
@@ -251,12 +272,11 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         return bool(callback(info))
 
     X = x0.detach().reshape(B, -1)
+    # Only the velocity runs in low precision (it enters its own autocast region): a caller's
+    # region must not reach the cost, the prior or the optimizer's algebra.
     try:
-        if optimizer == "lbfgs":
-            X, f, x1, smp = batched_lbfgs(obj, X, opts, on_iteration=on_iteration,
-                                          direction=plan.ops.lbfgs_direction)
-        else:
-            X, f, x1, smp = batched_adam(obj, X, opts, on_iteration=on_iteration)
+        with torch.autocast(x0.device.type, enabled=False):
+            X, f, x1, smp = _run_optimizer(optimizer, obj, X, opts, on_iteration, plan)
     finally:
         if bar is not None:
             bar.close()
@@ -271,7 +291,20 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         peak_memory=torch.cuda.max_memory_allocated(x0.device) if cuda else None,
         velocity_calls=u.calls, message=_summary(status),
         extra={"optimizer": optimizer, "solver": solver, "steps": plan.steps,
-               "gradient": gradient, "options": dataclasses.asdict(opts)})
+               "gradient": gradient, "options": dataclasses.asdict(opts),
+               "autocast": None if low is None else str(low).removeprefix("torch."),
+               "compile": None if compile_options is None else  # JSON-friendly
+               {k: v if isinstance(v, (str, int, float, bool)) else repr(v)
+                for k, v in compile_options.items()}})
+
+
+def _run_optimizer(optimizer: str, obj: "_Objective", X: Tensor, opts: Options, on_iteration,
+                   plan: Plan):
+    """The batched optimizer over the flat iterates X [B, D]: (X, f, x1, Samples)."""
+    if optimizer == "lbfgs":
+        return batched_lbfgs(obj, X, opts, on_iteration=on_iteration,
+                             direction=plan.ops.lbfgs_direction)
+    return batched_adam(obj, X, opts, on_iteration=on_iteration)
 
 
 def _check_stop_loss(stop_loss, B: int) -> list[float] | None:

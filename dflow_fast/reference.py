@@ -21,9 +21,14 @@ from .optimize import DEFAULT_STEPS, OptimizeResult, optimizer_options
 def solve(velocity: Callable[..., Tensor], x0: Tensor, *, steps: Optional[int] = None,
           solver: str = "midpoint", t0: float = 0.0, t1: float = 1.0,
           time_grid: Sequence[float] | Tensor | None = None,
-          cond: Mapping[str, Any] | None = None) -> Tensor:
+          cond: Mapping[str, Any] | None = None,
+          autocast: torch.dtype | None = None) -> Tensor:
     """x1 by the plain unrolled loop; autograd records every step. x0: [B, *S]; ``cond``: the
-    velocity's keyword arguments (all rows at once: nothing to index)."""
+    velocity's keyword arguments (all rows at once: nothing to index); ``autocast``: each
+    velocity call under ``torch.autocast`` with that dtype, its output cast back to x's."""
+    if autocast is not None:
+        return solve(_under_autocast(velocity, autocast), x0, steps=steps, solver=solver, t0=t0,
+                     t1=t1, time_grid=time_grid, cond=cond)
     if cond:
         kwargs = unwrap(check_cond(cond, x0.shape[0]))
         return solve(functools.partial(velocity, **kwargs), x0, steps=steps, solver=solver, t0=t0,
@@ -46,14 +51,23 @@ def solve(velocity: Callable[..., Tensor], x0: Tensor, *, steps: Optional[int] =
     return x
 
 
+def _under_autocast(velocity, dtype: torch.dtype):
+    def low(t, x, **kw):
+        with torch.autocast(x.device.type, dtype=dtype):
+            out = velocity(t, x, **kw)
+        return out.to(x.dtype)
+    return low
+
+
 def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver: str = "midpoint",
              gradient: str = "backprop", optimizer: str = "lbfgs", options=None, t0: float = 0.0,
              t1: float = 1.0, time_grid=None, regularization=None, callback=None,
-             progress: bool = False, stop_loss=None, cond=None,
+             progress: bool = False, stop_loss=None, cond=None, autocast=None,
              **optimizer_kwargs) -> OptimizeResult:
     """Same signature as :func:`dflow_fast.optimize`; one optimizer over the summed batch loss.
 
     ``gradient`` is accepted for signature compatibility; the reference always backpropagates.
+    ``autocast``: the velocity as in :func:`solve` (plain autograd: no float16 cotangent scaling).
     ``callback`` is called with the iteration number after each iteration; ``progress`` is ignored.
     ``stop_loss`` must be None: ``torch.optim.LBFGS`` cannot stop at a loss within one call (give
     the reference the iterations the fast path took instead, as the demo does).
@@ -64,6 +78,8 @@ def optimize(velocity, cost, x0: Tensor, *, steps: Optional[int] = None, solver:
     opts = optimizer_options(optimizer, options, optimizer_kwargs)
     if cond:
         velocity = functools.partial(velocity, **unwrap(check_cond(cond, x0.shape[0])))
+    if autocast is not None:
+        velocity = _under_autocast(velocity, autocast)
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
     start = time.perf_counter()

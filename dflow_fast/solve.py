@@ -4,22 +4,25 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from .core.checks import check_gradient, check_params, check_x0
 from .core.cond import grad_tensors
 from .core.plan import make_plan
+from .core.precision import needs_scaling, resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.common import find_params
 from .gradients.dispatch import run
 
 
 def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: str = "midpoint",
-          gradient: str = "adjoint", t0: float = 0.0, t1: float = 1.0,
+          gradient: str = "auto", t0: float = 0.0, t1: float = 1.0,
           time_grid: Sequence[float] | Tensor | None = None,
           params: Iterable[Tensor] | None = None, backend: str | None = None,
           coupling: float | None = None, memory_budget: float | None = None,
-          cond: Mapping[str, Any] | None = None) -> Tensor:
+          cond: Mapping[str, Any] | None = None,
+          autocast: torch.dtype | None = None) -> Tensor:
     """Integrate ``dx/dt = velocity(t, x)`` from ``x0`` with a fixed-step solver.
 
     Args:
@@ -32,14 +35,16 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
             or ``"reversible_midpoint"`` (McCallum & Foster 2024; 2N resp. 4N evaluations).
             The reversible solvers discretize the flow differently from the plain sampler: same
             model, slightly different x1 (docs/reversible.md).
-        gradient: ``"adjoint"`` (exact discrete adjoint; stores only the N states, with midpoint
-            also their first-stage velocities, and recomputes one network evaluation at a time in
-            the backward sweep), ``"backprop"`` (autograd through the unrolled loop),
-            ``"reversible"`` (reversible solvers only: stores nothing per step, the backward
-            rebuilds the states by the algebraic inverse; warns with
-            :class:`~dflow_fast.ReconstructionWarning` if they drift), or ``"auto"``
-            (keeps the graph of as many steps as ``memory_budget`` allows, recomputes the rest;
-            see :mod:`dflow_fast.gradients.auto`). All are exact gradients of the computed x1.
+        gradient: ``"auto"`` (default: keeps the graph of as many steps as ``memory_budget``
+            allows, which is backprop where memory is plentiful, and recomputes the rest like the
+            adjoint; the bytes of a step's graph are measured once per velocity and cached, see
+            :mod:`dflow_fast.gradients.auto`), ``"adjoint"`` (exact discrete adjoint; stores only
+            the N states, with midpoint also their first-stage velocities, and recomputes one
+            network evaluation at a time in the backward sweep), ``"backprop"`` (autograd
+            through the unrolled loop), or ``"reversible"`` (reversible solvers only: stores
+            nothing per step, the backward rebuilds the states by the algebraic inverse; warns
+            with :class:`~dflow_fast.ReconstructionWarning` if they drift). All are exact
+            gradients of the computed x1.
         t0, t1: integration interval; ``t0 > t1`` integrates backward in time.
         time_grid: 1-D strictly monotone grid ``[t_0, ..., t_N]``, overriding ``t0``/``t1``.
         params: with ``"adjoint"``, ``"reversible"`` or ``"auto"``, the tensors besides x0 that
@@ -62,18 +67,28 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
             dimension is B is per-sample, anything else (or a value wrapped in
             :class:`~dflow_fast.Shared`) is passed unchanged (:mod:`dflow_fast.core.cond`).
             Tensors in it that require grad receive gradients under every scheme.
+        autocast: ``None`` (default), ``torch.bfloat16`` or ``torch.float16``: the velocity runs
+            under ``torch.autocast`` for x's device type with that dtype (at every call, the
+            backward sweeps' recomputations included) and its output is cast back; the states,
+            the solver's updates and the cotangents stay in x0's dtype, which must be float32.
+            float16 scales the cotangents of the backward so they do not underflow
+            (:mod:`dflow_fast.core.precision`). ``None`` inside a caller's ``torch.autocast``
+            region for x's device type takes that region's dtype.
 
     Returns:
         x1: ``[B, *S]``, the state at the end of the grid.
     """
     check_x0(x0)
     check_gradient(gradient, memory_budget)
-    u = CheckedVelocity(velocity, cond, x0.shape[0])
+    low = resolve_autocast(autocast, x0)
+    u = CheckedVelocity(velocity, cond, x0.shape[0], autocast=low)
     plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend, gradient=gradient,
-                     coupling=coupling)
-    if params is None:  # discovered; backprop needs none (autograd finds them itself)
+                     coupling=coupling, autocast=low)
+    if params is None:  # discovered; plain backprop needs none (autograd finds them itself),
+        # but under float16 its graph is owned by a Function (gradients.dispatch), like auto's
+        discover = gradient != "backprop" or needs_scaling(low)
         found, guard = (_unique(find_params(velocity) + grad_tensors(u.cond))
-                        if gradient != "backprop" else ()), True
+                        if discover else ()), True
     else:
         found, guard = check_params(params), False
     return run(u, plan, x0, gradient, found, guard=guard, memory_budget=memory_budget)

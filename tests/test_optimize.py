@@ -113,6 +113,24 @@ def test_single_sample_follows_torch_lbfgs(solver):
         assert ours.nfev[0] == ref.nfev[0]
 
 
+@pytest.mark.parametrize("max_eval", [2, 3, 4, 6, 10])
+def test_max_eval_cuts_the_line_search_as_torch_does(max_eval):
+    """A search that would extrapolate far is cut at ``max_eval - evaluations so far + 1``
+    evaluations, as torch.optim.LBFGS cuts it (``max_ls=max_eval - current_evals``): the same
+    iterate and the same evaluation count (up to max_eval + 1), never more."""
+    still = lambda t, x: torch.zeros_like(x)  # noqa: E731  x1 = x0: the cost's own landscape
+    cost = lambda x1: -x1.sum(1) + 1e-7 * (x1 ** 4).sum(1)  # noqa: E731  falls far along +x
+    x0 = torch.full((2, 2), 1e-3, dtype=torch.float64)
+    kw = dict(steps=1, solver="euler", max_iter=3, max_eval=max_eval)
+    ours = df.optimize(still, cost, x0, gradient="backprop", **kw)
+    for i in range(2):
+        ref = reference.optimize(still, cost, x0[i:i + 1], **kw)
+        assert int(ours.nfev[i]) == int(ref.nfev[0]) <= max_eval + 1
+        assert rel_err(ours.x0[i:i + 1], ref.x0) <= 1e-12
+    if max_eval < 6:  # the first search alone would take 5 evaluations
+        assert ours.status == ["max_eval", "max_eval"] and ours.nit.tolist() == [1, 1]
+
+
 def test_nonfinite_sample_stops_and_others_are_unaffected():
     velocity, cost_for, y, x0 = problem(B=4)
     calls = [0]
@@ -152,7 +170,10 @@ def test_converged_samples_stop_consuming_velocity_evaluations():
         y = y.clone()
         y[0] = df.solve(velocity, x0[:1], steps=steps)[0]
     res = df.optimize(counted, cost_for(y), x0, steps=steps, max_iter=10)
-    one_eval = 2 * steps * 2  # midpoint: 2 evaluations per step, forward + backward sweep
+    # midpoint: 2 evaluations per step; the default gradient "auto" keeps the graphs (nothing
+    # recomputed in the backward) and measures one step's graph once per velocity, in the first
+    # evaluation, which holds every sample
+    one_eval = 2 * steps + 2
     assert res.status[0] == "converged" and res.nit[0] == 0
     assert res.nfe[0] == one_eval
     assert (res.nfe[1:] > 5 * one_eval).all()

@@ -225,7 +225,7 @@ def test_undiscoverable_tensor_raises_instead_of_dropping_its_gradient():
     h.w = torch.randn(3, dtype=torch.float64, requires_grad=True)
     vel = lambda t, x: x * h.w  # noqa: E731  (reached through an attribute: not discoverable)
     x0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    x1 = df.solve(vel, x0, steps=2)
+    x1 = df.solve(vel, x0, steps=2, gradient="adjoint")  # the default "auto": tests/gradients
     with pytest.raises(RuntimeError, match="params="):
         x1.sum().backward()
     x1 = df.solve(vel, x0, steps=2, params=[h.w])  # listed explicitly: fine, and exact

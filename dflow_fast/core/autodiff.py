@@ -8,14 +8,19 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from .precision import scaled_grad
 
-def vjp(out: Tensor, inputs: tuple[Tensor, ...], cot: Tensor) -> tuple[Tensor | None, ...]:
+
+def vjp(out: Tensor, inputs: tuple[Tensor, ...], cot: Tensor,
+        low: torch.dtype | None = None) -> tuple[Tensor | None, ...]:
     """``(d out / d input)^T cot`` per input, None where ``out`` does not depend on it. A velocity
     whose output has no graph at all (constant in x and in every parameter: ``ones_like(x)``, a
-    function of t only) has nothing to differentiate: every VJP is None, i.e. zero."""
+    function of t only) has nothing to differentiate: every VJP is None, i.e. zero. ``inputs``:
+    the state first, then parameters; ``low``: the velocity's autocast dtype (float16 scales the
+    cotangent, :func:`~dflow_fast.core.precision.scaled_grad`)."""
     if not out.requires_grad:
         return (None,) * len(inputs)
-    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
+    return scaled_grad((out,), inputs, (cot,), low, per_sample=len(inputs) == 1)
 
 
 def zero_if_none(w: Tensor | None, like: Tensor) -> Tensor:

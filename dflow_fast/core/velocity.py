@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .cond import Cond, check_cond, select, unwrap
@@ -45,9 +46,13 @@ class CheckedVelocity:
     ``cond`` (validated against the batch size ``batch``) holds per-sample tensors for all B rows;
     :meth:`rows` gives the view that evaluates a subset of them. ``calls`` counts batched calls,
     ``rows_evaluated`` the samples evaluated (sum of batch sizes), over this velocity and all its
-    views."""
+    views. ``autocast`` (a dtype, resolved by :func:`~dflow_fast.core.precision.resolve_autocast`):
+    every call runs under ``torch.autocast`` for x's device type with it, and an output in that
+    dtype is cast back to x's (core/precision.py). ``key``: the object gradient="auto" keys what
+    it measures on (the user's velocity, before any torch.compile wrapper)."""
 
-    def __init__(self, velocity: Velocity, cond: Optional[Cond] = None, batch: int | None = None):
+    def __init__(self, velocity: Velocity, cond: Optional[Cond] = None, batch: int | None = None,
+                 autocast: torch.dtype | None = None, key: object = None):
         if not callable(velocity):
             raise TypeError(f"velocity must be callable as velocity(t, x, **cond), got "
                             f"{type(velocity).__name__}")
@@ -55,6 +60,8 @@ class CheckedVelocity:
             raise ValueError("CheckedVelocity: cond needs the batch size it belongs to")
         self.velocity = velocity
         self.batch = batch
+        self.autocast = autocast
+        self.key = velocity if key is None else key
         self.cond = check_cond(cond, batch) if cond is not None else {}
         self._kwargs = unwrap(self.cond)
         self._counts = _Counts()
@@ -74,18 +81,32 @@ class CheckedVelocity:
             return self
         view = object.__new__(CheckedVelocity)
         view.velocity, view.batch, view._counts = self.velocity, self.batch, self._counts
+        view.autocast, view.key = self.autocast, self.key
         view.cond = select(self.cond, self.batch, idx)
         view._kwargs = unwrap(view.cond)
         return view
 
+    def signature(self) -> tuple:
+        """What of ``cond`` can change the size of a step's graph per sample: each value's name
+        and, for a tensor, its per-sample shape and dtype (gradient="auto" keys its measurement
+        on it)."""
+        return tuple((k, tuple(v.shape[1:]), v.dtype) if isinstance(v, Tensor) else
+                     (k, type(v).__name__) for k, v in sorted(self._kwargs.items()))
+
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        out = self.velocity(t, x, **self._kwargs)
+        if self.autocast is None:
+            out = self.velocity(t, x, **self._kwargs)
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast):
+                out = self.velocity(t, x, **self._kwargs)
         if not isinstance(out, Tensor):
             raise TypeError(f"velocity must return a tensor, got {type(out).__name__}")
-        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        low = self.autocast is not None and out.dtype == self.autocast
+        if out.shape != x.shape or (out.dtype != x.dtype and not low) or out.device != x.device:
             raise ValueError(
                 f"velocity(t, x) must return a tensor like x: x is {tuple(x.shape)} {x.dtype} on "
-                f"{x.device}, the velocity returned {tuple(out.shape)} {out.dtype} on {out.device}")
+                f"{x.device}, the velocity returned {tuple(out.shape)} {out.dtype} on {out.device}"
+                + (f" (under autocast, {self.autocast} is accepted too)" if self.autocast else ""))
         self._counts.calls += 1
         self._counts.rows += x.shape[0]
-        return out
+        return out.to(x.dtype) if low else out

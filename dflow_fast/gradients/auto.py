@@ -12,13 +12,17 @@ Every segment's gradient is exact (the chain is the same computation as the plai
 "auto" equals backprop up to rounding whatever the split; a reversible segment adds the rebuild's
 rounding drift, checked as for gradient="reversible".
 
-How m and r are chosen: the bytes one step's graph keeps for backward are *measured* once per plan
-and per-sample shape: one step runs on a detached copy of x0 under a ``saved_tensors_hooks`` pack
-hook that adds up the storages autograd saves (each storage once; the velocity's own weights,
-buffers and closed-over tensors excluded, since they exist anyway); its graph is dropped right
-after, and the real solve runs under the caller's own hooks, untouched. The cost is one extra
-step's evaluations (and, transiently, one step's graph) per plan: ``solve`` builds a plan per
-call, ``optimize`` one per run. The estimate assumes the graph scales linearly with the batch; on
+How m and r are chosen: the bytes one step's graph keeps for backward are *measured*: one step
+runs on a detached copy of x0 under a ``saved_tensors_hooks`` pack hook that adds up the storages
+autograd saves (each storage once; the velocity's own weights, buffers and closed-over tensors
+excluded, since they exist anyway); its graph is dropped right after, and the real solve runs
+under the caller's own hooks, untouched. The measurement costs one extra step's evaluations (and,
+transiently, one step's graph), and it is made once per velocity object and per (per-sample
+shape, dtype, device, solver, autocast dtype, parameters, conditioning signature): it is kept in
+a cache keyed weakly on the user's velocity (:func:`graph_bytes`), so repeated ``solve`` calls
+and every evaluation of an ``optimize`` run reuse it, and it disappears with the velocity. The
+split itself is arithmetic on the measurement, redone per solve for its batch, steps and budget.
+The estimate assumes the graph scales linearly with the batch; on
 the test velocities it is within 1% of what backprop saves (tests/test_auto.py checks 5%). Then,
 with g the graph bytes per step and s the stored bytes per step, m is the largest with
 ``m g + (N - m) s <= budget`` (all N graph steps when ``N g`` fits); for a reversible solver whose
@@ -42,16 +46,18 @@ This module decides; :func:`dflow_fast.gradients.dispatch.run` runs the chosen s
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..core.plan import Plan
+from ..core.precision import scaled_grad
 from ..core.reversible_steps import backward_sweep
 from ..core.steps import State, advance, initial_state
 from ..core.velocity import Velocity
@@ -123,10 +129,9 @@ def allocate(n: int, costs: Costs, budget: float, reversible_solver: bool) -> Sp
 @dataclass
 class AutoMemo:
     """What gradient="auto" learns across the solves that share a plan (optimize's iterations):
-    the measured graph bytes per sample, by per-sample shape, dtype and device; the cap that an
-    out-of-memory error put on the budget; and the last split with its estimated bytes."""
+    the cap that an out-of-memory error put on the budget, and the last split with its estimated
+    bytes. (The measured graph bytes outlive the plan: :func:`graph_bytes`.)"""
 
-    graph_bytes: dict[tuple, float] = field(default_factory=dict)
     budget_cap: float = math.inf
     split: Split | None = None
     estimate: float = math.inf
@@ -145,6 +150,44 @@ def memo(plan: Plan) -> AutoMemo:
     if m is None:
         m = _MEMOS[plan] = AutoMemo()
     return m
+
+
+# velocity object -> {measurement key: graph bytes per sample}. Weak: an entry goes with its
+# velocity. The values hold no reference to the velocity (that would keep it alive forever).
+_GRAPH_BYTES: "weakref.WeakKeyDictionary[object, dict[tuple, float]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _cache_of(velocity: object) -> tuple[dict | None, tuple]:
+    """The measurements cached for ``velocity`` and what to add to their key: a bound method is
+    keyed on its object (``model.forward`` is a new object at every attribute access) plus its
+    function. None when the velocity cannot be a weak key (not hashable, or no weak references:
+    some builtins): it is then measured at every solve, as without the cache."""
+    owner, extra = velocity, ()
+    if inspect.ismethod(velocity):
+        owner, extra = velocity.__self__, (velocity.__func__,)
+    try:
+        entry = _GRAPH_BYTES.get(owner)
+        if entry is None:
+            entry = _GRAPH_BYTES[owner] = {}
+    except TypeError:
+        return None, extra
+    return entry, extra
+
+
+def graph_bytes(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tensor, ...]) -> float:
+    """Bytes one step's graph keeps per sample (:func:`measure_graph_bytes`), measured once per
+    velocity and key (module doc) and cached weakly on the user's velocity (``u.key`` of a
+    :class:`~dflow_fast.core.velocity.CheckedVelocity`, else ``u``)."""
+    signature = u.signature() if hasattr(u, "signature") else ()
+    entry, extra = _cache_of(getattr(u, "key", u))
+    key = (*extra, tuple(x0.shape[1:]), x0.dtype, x0.device, plan.solver, plan.autocast,
+           tuple(id(p) for p in params), tuple(p.requires_grad for p in params), signature)
+    if entry is None:
+        return measure_graph_bytes(u, plan, x0, params)
+    if key not in entry:
+        entry[key] = measure_graph_bytes(u, plan, x0, params)
+    return entry[key]
 
 
 def default_budget(device: torch.device) -> float:
@@ -186,11 +229,7 @@ def measure_graph_bytes(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tenso
 
 
 def _costs(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tensor, ...]) -> Costs:
-    key = (tuple(x0.shape[1:]), x0.dtype, x0.device)
-    known = memo(plan).graph_bytes
-    if key not in known:
-        known[key] = measure_graph_bytes(u, plan, x0, params)
-    g = known[key] * x0.shape[0]
+    g = graph_bytes(u, plan, x0, params) * x0.shape[0]
     state = x0.numel() * x0.element_size()
     heun = plan.solver == "reversible_heun"
     per = 2 if plan.base else saved_per_step(plan)  # coupled solvers: the (y, z) pair
@@ -228,7 +267,7 @@ class GraphSegment(torch.autograd.Function):
         graph, ctx.kept = ctx.kept, None  # consumed either way
         grads = None
         try:
-            grads = _graph_vjp(graph, inputs, cots)
+            grads = _graph_vjp(graph, inputs, cots, ctx.plan.autocast, not any(need_p))
         except torch.OutOfMemoryError:
             pass  # leave the except block first: its traceback holds the graph's buffers
         if grads is None:
@@ -244,14 +283,16 @@ class GraphSegment(torch.autograd.Function):
         return (None,) * 6 + (*state_grads, *[next(it) if nd else None for nd in need_p])
 
 
-def _graph_vjp(graph: State, inputs: list[Tensor], cots: tuple[Tensor, ...]) -> tuple:
+def _graph_vjp(graph: State, inputs: list[Tensor], cots: tuple[Tensor, ...],
+               low: torch.dtype | None, per_sample: bool) -> tuple:
     """VJP of the kept graph; outputs without a graph (a velocity constant in x and in every
-    input) contribute nothing."""
+    input) contribute nothing. ``low``/``per_sample``: float16 cotangent scaling
+    (core/precision.py); ``per_sample`` when only states are among ``inputs``."""
     pairs = [(o, c) for o, c in zip(graph, cots) if o.requires_grad]
     if not pairs:
         return (None,) * len(inputs)
     outs, cs = zip(*pairs)
-    return torch.autograd.grad(outs, inputs, cs, allow_unused=True)
+    return scaled_grad(outs, inputs, cs, low, per_sample)
 
 
 def _recompute(ctx, cots, need_state, need_p) -> list:

@@ -4,7 +4,8 @@ One table maps a fixed scheme to the kind of its single segment; "auto" chooses 
 steps into graph, stored and reversible segments (:mod:`dflow_fast.gradients.auto`). A segment kind
 is run by:
 
-    graph        autograd records the steps (plain backprop)
+    graph        autograd records the steps (plain backprop; under float16 autocast run as
+                 owned_graph, whose backward scales the cotangents, core/precision.py)
     owned_graph  the same graph, owned by auto's GraphSegment (falls back to the adjoint on OOM)
     stored       the discrete adjoint: AdjointSegment (plain solvers) or StoredSegment (reversible)
     reversible   ReversibleSegment: the backward rebuilds the states by the algebraic inverse
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..core.plan import REVERSIBLE, Plan
+from ..core.precision import needs_scaling
 from ..core.steps import State, advance, initial_state
 from ..core.velocity import Velocity
 from . import auto
@@ -39,12 +41,14 @@ def segment(kind: str, u: Velocity, plan: Plan, k0: int, k1: int, state: State,
     if kind == "reversible" and not plan.reversible:  # make_plan refuses it earlier for users
         raise ValueError(f"gradient='reversible' needs a reversible solver, one of "
                          f"{list(REVERSIBLE)}, got {plan.solver!r}")
-    if kind == "graph":
+    if kind == "graph" and not needs_scaling(plan.autocast):
         return advance(u, plan, k0, k1, state)
     if not needs_grad(state, params):
         with torch.no_grad():
             return advance(u, plan, k0, k1, state)
-    if kind == "owned_graph":
+    # float16 velocities: the graph is owned by GraphSegment, whose backward scales the
+    # cotangents (core/precision.py) where autograd's own backward would let them underflow
+    if kind in ("graph", "owned_graph"):
         return auto.GraphSegment.apply(u, plan, guard, k0, k1, len(state), *state, *params)
     if plan.reversible:
         fn = ReversibleSegment if kind == "reversible" else StoredSegment
