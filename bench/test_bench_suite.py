@@ -321,3 +321,18 @@ def test_batched_optimize_matches_per_image_loop_gpu(benchmark):
     bench_e2e.compare([ref, fast], 32)
     benchmark.extra_info.update(throughput_ratio_vs_ref=fast["throughput_ratio_vs_ref"])
     assert fast["equal_cost"], (fast["loss_mean"], ref["loss_mean"])
+
+
+def test_bench_models_compares_the_two_bundled_models(tmp_path):
+    """bench_models on one image, one task: both models ran on the same task, the table has a row
+    per metric, and the DDPM's training steps are recorded."""
+    pytest.importorskip("diffusers", reason="needs the [diffusers] extra")
+    from bench import bench_models
+    out = tmp_path / "models.json"
+    bench_models.main(["--n", "1", "--tasks", "sr4", "--steps", "1", "--max-iter", "1",
+                       "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert set(doc["reports"]) == set(bench_models.MODELS)
+    assert doc["ddpm_training_steps"] > 0 and doc["meta"]["torch"] == torch.__version__
+    md = out.with_suffix(".md").read_text()
+    assert "| sr4 | PSNR |" in md and "| sr4 | SSIM |" in md

@@ -33,7 +33,7 @@ from .solve import solve
 
 #: submodules reachable as attributes, imported on first access
 _LAZY = ("reference", "models", "data", "metrics", "tasks", "apps", "adapters", "core",
-         "gradients", "optim", "ops", "kernels")
+         "gradients", "optim", "ops", "kernels", "jobs", "molecules")
 
 __all__ = ["solve", "optimize", "OptimizeResult", "IterationInfo", "LBFGSOptions", "AdamOptions",
            "ChiPrior", "backward_blend", "ModelVelocity", "Shared", "build_info", "ReconstructionWarning",

@@ -46,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=MODELS_DIR / "card")
     p.add_argument("--card", type=Path, default=MODELS_DIR / "MODEL_CARD.md")
+    p.add_argument("--ddpm", action="store_true",
+                   help="measure the bundled DDPM instead (card/ddpm_*), then rewrite the card "
+                        "from both metrics files")
+    p.add_argument("--ddpm-weights", type=Path,
+                   default=WEIGHTS_DIR / PRETRAINED["fashion-mnist-ddpm"])
     return p.parse_args(argv)
 
 
@@ -75,6 +80,15 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.ddpm:
+        from card_ddpm import measure_ddpm
+
+        ddpm = measure_ddpm(args, plt, batched, image_grid)
+        (args.out_dir / "ddpm_metrics.json").write_text(json.dumps(ddpm, indent=1))
+        metrics = json.loads((args.out_dir / "metrics.json").read_text())
+        args.card.write_text(render_card(metrics, ddpm))
+        print(json.dumps(ddpm, indent=1))
+        return
     flow = load_checkpoint(args.flow)
     clf = load_checkpoint(args.classifier)
     flow_log = json.loads(args.flow.with_suffix(".json").read_text())
@@ -145,11 +159,20 @@ def main(argv=None):
         "torch": torch.__version__, "platform": platform.platform(),
     }
     (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    args.card.write_text(render_card(metrics))
+    ddpm_file = args.out_dir / "ddpm_metrics.json"
+    args.card.write_text(render_card(
+        metrics, json.loads(ddpm_file.read_text()) if ddpm_file.exists() else None))
     print(json.dumps(metrics, indent=1))
 
 
-def render_card(m: dict) -> str:
+def render_card(m: dict, ddpm: dict | None = None) -> str:
+    """The card from the flow/classifier metrics and, when measured, the DDPM's."""
+    from card_ddpm import render_ddpm
+
+    return _render_card(m) + (render_ddpm(ddpm, FASHION_MNIST_CLASSES) if ddpm else "")
+
+
+def _render_card(m: dict) -> str:
     f, c, fid = m["flow"], m["classifier"], m["fid_classifier_features"]
     hist = ", ".join(f"{name} {k}" for name, k in zip(FASHION_MNIST_CLASSES,
                                                        m["generated_class_histogram"]))

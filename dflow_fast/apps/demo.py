@@ -1,7 +1,7 @@
 """The main demo: D-Flow on held-out Fashion-MNIST test images with the bundled flow model.
 
 For every task it solves all N images at once with ``dflow_fast.optimize`` (batched, per-sample
-L-BFGS, exact adjoint), stopping each image at the noise level of its observation (the
+L-BFGS, exact gradients through the solve), stopping each image at the noise level of its observation (the
 discrepancy principle, ``stop_loss=problem.noise_level``; class-conditional: once the classifier
 gives the requested class 90%), and, as the reference, with the
 paper-style loop: ``dflow_fast.reference`` (autograd + ``torch.optim.LBFGS``) one image at a time,
@@ -30,6 +30,7 @@ from ..priors import backward_blend
 from ..solve import solve
 from ..tasks import TASKS, make as make_task
 from .plots import save_grid
+from .provenance import provenance
 
 DEFAULT_TASKS = TASKS
 #: measurement noise std per task (images in [-1, 1]); denoising uses the classic sigma = 25/255
@@ -42,25 +43,32 @@ CLASS_TARGET_PROB = 0.9
 #: dflow_fast's gradient schemes for the demo's midpoint solve (``reversible`` needs a reversible
 #: solver)
 GRADIENTS = ("adjoint", "backprop", "auto")
+#: the bundled velocities the demo can run (load_pretrained names) and how the report names them
+MODELS = {"fashion-mnist": "bundled fashion-mnist U-Net, flow matching (dflow_fast.models)",
+          "fashion-mnist-ddpm": "bundled fashion-mnist DDPM (diffusers UNet2DModel, epsilon) "
+                                "through dflow_fast.adapters.from_diffusers"}
 #: the batched result's key in the report (and its row title in the pictures)
 OURS = "D-Flow (dflow_fast)"
 
 
 def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Tensor, *,
              steps: int, max_iter: int, sigma: float, alpha: float, seed: int,
-             run_reference: bool, progress: bool, gradient: str = "adjoint"
+             run_reference: bool, progress: bool, gradient: str = "auto"
              ) -> tuple[dict, list]:
-    """One task on the batch ``truth`` [N, 1, 28, 28]; returns (report row, image rows)."""
+    """One task on the batch ``truth`` [N, 1, 28, 28]; returns (report row, image rows). Every
+    solve follows ``flow.time_grid(steps)`` where the velocity has one (a diffusion model's
+    scheduler spacing), else ``steps`` uniform steps."""
+    grid = {"time_grid": flow.time_grid(steps)} if hasattr(flow, "time_grid") else {"steps": steps}
     g = torch.Generator().manual_seed(seed)
     n = truth.shape[0]
     target = (labels + 1) % 10  # class task: ask for a different class than the test image's
     p = make_task(task, truth, sigma=sigma, generator=g, classifier=classifier,
                       labels=target)
-    x0 = backward_blend(flow, p.guess, alpha=alpha, steps=steps,
+    x0 = backward_blend(flow, p.guess, alpha=alpha, **grid,
                         generator=torch.Generator().manual_seed(seed + 1)).to(truth.device)
     with torch.no_grad():
-        blend = solve(flow, x0, steps=steps)
-    kw = dict(steps=steps, max_iter=max_iter, history_size=HISTORY, gradient=gradient)
+        blend = solve(flow, x0, **grid)
+    kw = dict(**grid, max_iter=max_iter, history_size=HISTORY, gradient=gradient)
     # The discrepancy principle: stop each image once its data fit reaches the noise level
     # (m sigma^2, the truth's own expected cost); fitting further fits the noise. Class: stop once
     # the target class is reached with CLASS_TARGET_PROB.
@@ -78,7 +86,7 @@ def run_task(task: str, flow, classifier, truth: torch.Tensor, labels: torch.Ten
             # torch.optim.LBFGS cannot stop at a loss; it gets the iterations dflow_fast took on
             # this image instead (the same stop in exact arithmetic), within the same max_eval.
             it = max(1, int(res.nit[i]))
-            r = reference.optimize(flow, sub.cost, x0[i:i + 1], steps=steps, max_iter=it,
+            r = reference.optimize(flow, sub.cost, x0[i:i + 1], **grid, max_iter=it,
                                    max_eval=default_max_eval(max_iter),
                                    history_size=HISTORY)
             ref_x1.append(r.x1)
@@ -132,7 +140,7 @@ def _summary(res) -> dict:
 def run(n: int = 3, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 100, sigma: float = 0.05,
         alpha: float = 0.1, out: str | Path = "demo_out/fashion", seed: int = 0,
         reference: bool = True, progress: bool = True, device: str = "cpu",
-        dtype: str = "float32", gradient: str = "adjoint") -> dict:
+        dtype: str = "float32", gradient: str = "auto", model: str = "fashion-mnist") -> dict:
     """Run the demo; returns the report (also written to ``out``/report.json and report.md).
 
     ``alpha=0.1`` is the paper's backward-blend weight (the library default) and ``max_iter=100``
@@ -140,8 +148,13 @@ def run(n: int = 3, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 100, si
     without a stop on every task (denoise 23.3 vs 20.9 dB, sr2 19.3 vs 17.8; the easy images stop
     early, so the budget goes to the hard ones). ``sigma`` is the measurement
     noise of every task but denoising (see TASK_SIGMA). ``gradient``: dflow_fast's gradient scheme
-    (the library default "adjoint"; "backprop" evaluates the network half as often and is faster
-    where memory is no constraint, e.g. on a CPU); the reference loop always uses autograd."""
+    (the library default "auto": backprop's graphs where they fit the memory budget, as on a CPU;
+    "adjoint" evaluates the network twice as often for the memory of one step); the reference
+    loop always uses autograd.
+    ``model``: one of MODELS, the bundled flow-matching U-Net or the bundled DDPM through the
+    diffusers adapter (its probability-flow ODE on the scheduler's time grid)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {list(MODELS)}, got {model!r}")
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; choose from {list(TASKS)}")
@@ -155,17 +168,18 @@ def run(n: int = 3, tasks=DEFAULT_TASKS, steps: int = 6, max_iter: int = 100, si
     out.mkdir(parents=True, exist_ok=True)
     # float64: the batched and the per-image paths then take the same iterates (float32 rounding
     # differs between a batch and a single image and sends unconverged line searches apart).
-    flow = load_pretrained("fashion-mnist", device=dev, dtype=dt)
+    flow = load_pretrained(model, device=dev, dtype=dt)
     classifier = load_pretrained("fashion-mnist-classifier", device=dev, dtype=dt)
     images, labels = fashion_mnist("test", limit=1000)
     idx = torch.randperm(1000, generator=torch.Generator().manual_seed(seed))[:n]
     truth, labels = images[idx].to(dev, dt), labels[idx].to(dev)
-    report = {"model": "bundled fashion-mnist U-Net (dflow_fast.models)", "n": n,
+    report = {"model": MODELS[model], "n": n,
               "solver": f"midpoint, {steps} steps",
               "optimizer": f"L-BFGS, max_iter={max_iter}, history={HISTORY}",
               "sigma": sigma, "alpha": alpha, "device": str(dev), "dtype": dtype,
               "gradient": gradient, "torch": torch.__version__, "dflow_fast": __version__,
-              "tasks": []}
+              # git commit, versions (CUDA too) and device, as every report and result file
+              "provenance": provenance(dev), "tasks": []}
     for task in tasks:
         row, grid = run_task(task, flow, classifier, truth, labels, steps=steps,
                              max_iter=max_iter, sigma=TASK_SIGMA.get(task, sigma), alpha=alpha,
@@ -185,7 +199,7 @@ def to_markdown(report: dict) -> str:
              f"{report['sigma']} (denoise {TASK_SIGMA['denoise']})"
              + (f", {report['dtype']}" if report.get("dtype", "float32") != "float32" else "")
              + (f", dflow_fast gradient {report['gradient']}"
-                if report.get("gradient", "adjoint") != "adjoint" else ""), "",
+                if report.get("gradient", "adjoint") != "auto" else ""), "",
              f"| task | metric | observation | blend only | {OURS} | reference "
              "(per image) | dflow_fast s | reference s |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

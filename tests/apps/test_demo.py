@@ -67,7 +67,7 @@ def test_demo_gradient_choice(tmp_path):
     the report names the scheme. An unknown scheme fails before any work."""
     from dflow_fast.apps import demo
     kw = dict(n=2, tasks=["sr2"], steps=2, max_iter=3, dtype="float64", progress=False)
-    adj = demo.run(out=tmp_path / "a", **kw)["tasks"][0]
+    adj = demo.run(out=tmp_path / "a", gradient="adjoint", **kw)["tasks"][0]
     rep = demo.run(out=tmp_path / "b", gradient="backprop", **kw)
     bp = rep["tasks"][0]
     assert rep["gradient"] == "backprop"
@@ -89,3 +89,31 @@ def test_cli_gradient_choices_are_the_demos():
         assert parser.parse_args(["demo", "--gradient", g]).gradient == g
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--gradient", "reversible"])
+
+
+def test_cli_model_choices_are_the_demos():
+    """The CLI spells the demo's bundled models out: each of them and nothing else."""
+    from dflow_fast.apps import cli, demo
+    parser = cli.build_parser()
+    for m in demo.MODELS:
+        assert parser.parse_args(["demo", "--model", m]).model == m
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--model", "fashion-mnist-classifier"])
+
+
+def test_demo_with_the_bundled_ddpm(tmp_path):
+    """``--model fashion-mnist-ddpm``: the demo runs through the diffusers adapter on the
+    scheduler's time grid; the batched path and the per-image reference agree in float64 (same
+    iterates), and the report names the model."""
+    pytest.importorskip("diffusers", reason="needs the [diffusers] extra")
+    from dflow_fast.apps import demo
+    rep = demo.run(n=2, tasks=["deblur"], steps=2, max_iter=3, out=tmp_path, progress=False,
+                   dtype="float64", gradient="backprop", model="fashion-mnist-ddpm")
+    assert "DDPM" in rep["model"]
+    row = rep["tasks"][0]
+    assert abs(row["psnr"]["D-Flow (dflow_fast)"] - row["psnr"]["reference"]) <= 1e-6
+    # D-Flow improves on the blend it starts from (the cost is the data fit)
+    assert row["psnr"]["D-Flow (dflow_fast)"] > row["psnr"]["blend only"]
+    with pytest.raises(ValueError, match="model must be one of"):
+        demo.run(out=tmp_path / "c", model="fashion-mnist-classifier", n=1, tasks=["sr4"])
+    assert not (tmp_path / "c").exists()
