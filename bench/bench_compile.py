@@ -182,7 +182,11 @@ def markdown(payload: dict, meta: dict) -> str:
     lines += ["", f"## optimize, task {cfg['task']} (L-BFGS max_iter {cfg['max_iter']}, stop at "
                   "the noise level)", "",
               "The active set shrinks as samples stop; \"graphs\": new graphs dynamo compiled "
-              "in the run (none per batch size: the batch dimension is dynamic).", "",
+              "in the run (none per batch size: the batch dimension is dynamic; dynamo caches "
+              "graphs per code object, so the dynamic graphs compiled for the gradients above "
+              "serve these runs too, and the first run compiles only what they did not meet, "
+              "e.g. the specialized batch size 1). The compiled and eager runs take different "
+              "iterates from the first float32 rounding difference on.", "",
               "| run | seconds | graphs | active-set sizes | mean cost | velocity calls |",
               "|:---|---:|---:|:---|---:|---:|"]
     for r in payload["optimize"]:

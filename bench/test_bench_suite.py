@@ -167,7 +167,7 @@ def test_batched_optimize_matches_per_image_loop(benchmark, task):
 # ----------------------------------------------------------------------------- the scripts
 
 SCRIPTS = ("bench_budget", "bench_e2e", "bench_gradient", "bench_kernels", "bench_peers",
-           "bench_reversible", "profile_gradient")
+           "bench_reversible", "profile_gradient", "bench_autocast", "bench_compile")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -218,6 +218,13 @@ def test_bench_peers_script_writes_results(tmp_path):
             assert r["rel_err_vs_ref"] <= TOL_F32
     for suffix in (".md", "_memory.png", "_time.png", "_throughput.png"):
         assert (tmp_path / f"peers{suffix}").stat().st_size > 0
+    # gradient="auto" (the default): measured once per velocity in the warm-up, so each measured
+    # gradient evaluates the network as often as backprop; budget 0 keeps the adjoint's bytes
+    calls = {(r["batch"], r["steps"], r["method"]): r["velocity_calls"] for r in doc["results"]}
+    assert all(calls[b, s, "auto"] == calls[b, s, "backprop"] for b, s, _ in calls)
+    assert [g["batch"] for g in doc["auto_goals"]] == [1, 2]
+    assert all(g["small_budget_mem_vs_adjoint"] == 1.0 for g in doc["auto_goals"])
+    assert "| auto (default) |" in (tmp_path / "peers.md").read_text()
 
 
 def test_profile_script_writes_results(tmp_path):
