@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.lib import RESULTS_DIR, command, environment, n_params, rel_err, shown, write_json
+from bench.lib import RESULTS_DIR, command, n_params, rel_err, write_result
 
 MODULE = "bench.bench_autocast"
 SCHEMES = ("auto", "adjoint", "backprop", "reversible")
@@ -231,12 +231,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     payload = measure(args, command(MODULE, argv))
-    meta = environment(args.device)
-    path = write_json(args.out, payload, args.device, meta)
-    md = path.with_suffix(".md")
-    md.write_text(markdown(payload, meta))
-    print(md.read_text())
-    print(f"wrote {shown(path)}, {shown(md)}")
+    write_result(args.out, payload, args.device, markdown)
     return 0
 
 

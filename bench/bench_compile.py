@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from bench.lib import (RESULTS_DIR, command, environment, median, n_params, rel_err, shown,
-                       time_interleaved, write_json)
+from bench.lib import (RESULTS_DIR, command, median, n_params, rel_err, time_interleaved,
+                       write_result)
 
 MODULE = "bench.bench_compile"
 
@@ -201,12 +201,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     payload = measure(args, command(MODULE, argv))
-    meta = environment(args.device)
-    path = write_json(args.out, payload, args.device, meta)
-    md = path.with_suffix(".md")
-    md.write_text(markdown(payload, meta))
-    print(md.read_text())
-    print(f"wrote {shown(path)}, {shown(md)}")
+    write_result(args.out, payload, args.device, markdown)
     return 0
 
 

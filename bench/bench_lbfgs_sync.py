@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench.lib import REPO_ROOT, RESULTS_DIR, command, environment, shown, write_json
+from bench.lib import REPO_ROOT, RESULTS_DIR, command, shown, write_result
 
 MODULE = "bench.bench_lbfgs_sync"
 #: the last commit whose batched L-BFGS ran one Python line search per sample
@@ -417,12 +417,7 @@ def main(argv=None) -> int:
         print(f"wrote {shown(md)}")
         return 0
     payload = measure(args, command(MODULE, argv))
-    meta = environment(args.device)
-    path = write_json(args.out, payload, args.device, meta)
-    md = path.with_suffix(".md")
-    md.write_text(markdown(payload, meta))
-    print(md.read_text())
-    print(f"wrote {shown(path)}, {shown(md)}")
+    write_result(args.out, payload, args.device, markdown)
     return 0
 
 

@@ -29,8 +29,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.lib import (RESULTS_DIR, add_net_options, available_methods, build_velocity,
-                       check_net_options, command, environment, median, n_params, one_gradient,
-                       shown, time_interleaved, write_json)
+                       check_net_options, command, median, n_params, one_gradient, time_interleaved,
+                       write_result)
 
 MODULE = "bench.profile_gradient"
 
@@ -169,12 +169,7 @@ def _fmt(x, spec: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     payload = measure(args, command(MODULE, argv))
-    meta = environment(args.device)
-    path = write_json(args.out, payload, args.device, meta)
-    md = path.with_suffix(".md")
-    md.write_text(markdown(payload, meta))
-    print(md.read_text())
-    print(f"wrote {shown(path)}, {shown(md)}")
+    write_result(args.out, payload, args.device, markdown)
     return 0
 
 

@@ -26,7 +26,7 @@ The scripts run as modules from the repository root (``python -m bench.bench_gra
 current directory on ``sys.path`` makes ``bench`` and the checkout's ``dflow_fast`` importable.
 """
 from .env import (REPO_ROOT, RESULTS_DIR, command, environment, git_commit, shown,
-                  write_json)
+                  write_json, write_result)
 from .memory import (MIB, RssPeak, SavedBytesMeter, cuda_peak, guard_oom, is_oom,
                      saved_bytes_gradient)
 from .methods import (BASELINE_METHODS, DFLOW_EXTRA_METHODS, METHODS, PEER_METHODS,
@@ -38,7 +38,7 @@ from .timing import median, time_cpu, time_cuda, time_interleaved
 
 __all__ = [
     # env
-    "REPO_ROOT", "RESULTS_DIR", "command", "environment", "git_commit", "shown", "write_json",
+    "REPO_ROOT", "RESULTS_DIR", "command", "environment", "git_commit", "shown", "write_json", "write_result",
     # nets
     "CONFIGS", "DEFAULT_NET", "ConvVelocityNet", "NetConfig", "add_net_options",
     "build_velocity", "check_net_options", "n_params",

@@ -10,7 +10,7 @@ import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -88,6 +88,19 @@ def write_json(path: str | Path, payload: dict, device: torch.device | str,
     tmp.write_text(json.dumps(_finite(doc), indent=2, default=_json_default, allow_nan=False)
                    + "\n")
     tmp.replace(path)  # a reader never sees half a file
+    return path
+
+
+def write_result(path: str | Path, payload: dict, device: torch.device | str,
+                 markdown: Callable[[dict, dict], str]) -> Path:
+    """A benchmark's usual ending: ``payload`` with this environment as meta to ``path`` (JSON),
+    ``markdown(payload, meta)`` beside it as .md, both printed; returns the JSON path."""
+    meta = environment(device)
+    path = write_json(path, payload, device, meta)
+    md = path.with_suffix(".md")
+    md.write_text(markdown(payload, meta))
+    print(md.read_text())
+    print(f"wrote {shown(path)}, {shown(md)}")
     return path
 
 
