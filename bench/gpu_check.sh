@@ -7,7 +7,9 @@
 #   build      compile dflow_fast._C in place with the CUDA kernels against the machine's own torch
 #              (offline, no venv; skipped when DFLOW_FAST_PREBUILT=1 and a _C for this Python exists)
 #   parity     the parity suites of the cuda and triton backends (fp32/fp16/bf16/fp64), the cpp and
-#              solve suites, and the reversible/auto suites, on the GPU
+#              solve suites, the reversible/auto suites, and the CUDA-graph tests of optimize /
+#              ValueAndGrad (tests/test_cuda_graphs.py: graphed == eager per scheme and backend), on
+#              the GPU
 #   gate       the parity gate on parity.xml (bench/parity_gate.py, as .github/workflows/gpu.yml runs
 #              it): fails unless a GPU is visible, the CUDA backend built, nothing failed, no
 #              cuda/triton test skipped, and every cuda/triton test the parity files define passed
@@ -18,6 +20,10 @@
 #   budget     gradient="auto" across memory budgets (bench.bench_budget)
 #   drift      reversible reconstruction drift in fp32/bf16 on CUDA
 #   e2e        D-Flow problems per hour, batched vs the per-image loop (Fashion-MNIST)
+#   fastpath   issue 16: problems per hour of the per-image loop, eager and cuda_graphs=True (256
+#              problems per task), batch-1 latency eager vs graphed, bf16 vs fp32 adjoint gradient
+#              of a ~100M-parameter DiT (bench.bench_fastpath -> $RESULTS/fastpath_cuda.*);
+#              FASTPATH_ARGS; about 4 minutes on an H200
 #   suite      the pytest-benchmark suite's gpu cases
 #   profile    where one gradient's time goes per method (torch.profiler: device busy/idle,
 #              launches, syncs, mallocs; bench.profile_gradient); PROFILE_ARGS
@@ -29,14 +35,16 @@
 # copied to $OUT so that a later call can carry it (DFLOW_FAST_PREBUILT=1). Offline extras:
 # PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching), DFLOW_FAST_FASHION_MNIST_DIR=data.
 # Extra arguments per stage: GRADIENT_ARGS (and GRADIENT_NAME for the file), BUDGET_ARGS, E2E_ARGS;
-# PROFILE_ARGS, DEMO_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT (seconds).
+# PROFILE_ARGS, DEMO_ARGS, FASTPATH_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT,
+# FASTPATH_LIMIT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-bench/results/gpu}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity gate kernels gradient budget drift e2e suite profile)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build parity gate kernels gradient budget drift e2e fastpath suite
+                                   profile)
 status=0
 summary=()
 step() { echo; echo "== $* ($(date +%T))"; }
@@ -84,13 +92,13 @@ build() {
 parity() {
   set -o pipefail
   $PY -m pytest tests/ops/test_parity.py tests/ops/test_extension.py \
-      tests/test_solve.py tests/test_cond.py tests/gradients \
+      tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py \
       -q -p no:cacheprovider --maxfail=10 -rsx --junitxml="$RESULTS/parity.xml" 2>&1 \
       | tee "$RESULTS/parity.txt" | tail -30
 }
 gate() {
   $PY -m bench.parity_gate --junit "$RESULTS/parity.xml" --require-cuda --expect-collect \
-      "tests/ops/test_parity.py tests/ops/test_extension.py tests/test_solve.py tests/test_cond.py tests/gradients -k 'cuda or triton'"
+      "tests/ops/test_parity.py tests/ops/test_extension.py tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py -k 'cuda or triton'"
 }
 kernels() {
   set -o pipefail
@@ -116,6 +124,11 @@ e2e() {
   set -o pipefail
   $PY -m bench.bench_e2e --device cuda --out "$RESULTS/e2e_cuda.json" ${E2E_ARGS:-} 2>&1 | tail -25
 }
+fastpath() {
+  set -o pipefail
+  $PY -m bench.bench_fastpath --device cuda --out "$RESULTS/fastpath_cuda.json" ${FASTPATH_ARGS:-} \
+      2>&1 | tail -45
+}
 suite() {
   set -o pipefail
   $PY -m pytest bench/test_bench_suite.py bench/test_bench_smoke.py -q -p no:cacheprovider -m gpu \
@@ -136,9 +149,9 @@ demo() {  # tqdm's bar goes to the log; the report is rewritten after every task
 
 declare -A LIMIT=([build]=420 [parity]=420 [gate]=300 [kernels]=240 [gradient]=${GRADIENT_LIMIT:-540}
                   [budget]=300 [drift]=240 [e2e]=${E2E_LIMIT:-540} [suite]=300
-                  [profile]=240 [demo]=${DEMO_LIMIT:-540})
+                  [profile]=240 [demo]=${DEMO_LIMIT:-540} [fastpath]=${FASTPATH_LIMIT:-330})
 export RESULTS PY OUT=${OUT:-}
-export -f build parity gate kernels gradient budget drift e2e suite profile demo
+export -f build parity gate kernels gradient budget drift e2e fastpath suite profile demo
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s"; exit 2; }
   run_stage "$s" "${LIMIT[$s]}"

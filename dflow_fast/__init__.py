@@ -10,6 +10,9 @@ Public API:
     reconstruction_drift(velocity, x0, *, solver, steps, ...), ReconstructionWarning:
         the reversible solvers' rebuild error (docs/reversible.md)
     build_info(): the backends this installation has
+    ValueAndGrad(velocity, cost, *, steps, gradient, cuda_graphs, ...)(x0) -> (f [B], g [B, *S]),
+        value_and_grad(velocity, cost, x0, ...): a solve's cost and gradient, replayed from a
+        CUDA graph on later calls (optimize(..., cuda_graphs=True) does it per bucket)
 
 Submodules, loaded on first use (``import dflow_fast`` stays light: no triton, matplotlib,
 torchmetrics or safetensors): ``reference`` (the plain-PyTorch paper recipe, oracle and baseline),
@@ -24,6 +27,7 @@ from ._version import __version__
 from .core.cond import Shared
 from .core.velocity import ModelVelocity
 from .gradients.reversible import ReconstructionWarning, reconstruction_drift
+from .graphed import ValueAndGrad, value_and_grad
 from .ops.build import build_info
 from .optim.adam import AdamOptions
 from .optim.lbfgs import LBFGSOptions
@@ -37,7 +41,7 @@ _LAZY = ("reference", "models", "data", "metrics", "tasks", "apps", "adapters", 
 
 __all__ = ["solve", "optimize", "OptimizeResult", "IterationInfo", "LBFGSOptions", "AdamOptions",
            "ChiPrior", "backward_blend", "ModelVelocity", "Shared", "build_info", "ReconstructionWarning",
-           "reconstruction_drift", "__version__", *_LAZY]
+           "reconstruction_drift", "ValueAndGrad", "value_and_grad", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ from .core.plan import Plan, make_plan
 from .core.precision import resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.dispatch import run
+from .graphed import GraphedObjective, check_cuda_graphs
 from .optim.adam import AdamOptions, batched_adam
 from .optim.lbfgs import LBFGSOptions, batched_lbfgs
 from .optim.samples import SUCCESS, Samples
@@ -168,7 +169,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
              coupling: Optional[float] = None, memory_budget: Optional[float] = None,
              stop_loss: float | Tensor | None = None, cond: Mapping[str, Any] | None = None,
              autocast: Optional[torch.dtype] = None,
-             compile: bool | Mapping[str, Any] = False,
+             compile: bool | Mapping[str, Any] = False, cuda_graphs: bool | str = False,
              **optimizer_kwargs) -> OptimizeResult:
     """D-Flow: minimize ``cost(x1(x0)) + regularization(x0)`` over the source points x0.
 
@@ -221,6 +222,12 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
             passes its keyword arguments (``{"backend": "aot_eager"}``, ``{"mode": ...}``). The
             batch dimension is compiled dynamic, so the shrinking active set does not recompile
             at every batch size (:mod:`dflow_fast.core.compiled`). Default False.
+        cuda_graphs: ``True`` records each evaluation of the objective (solve, gradient sweep,
+            cost, regularization) in a CUDA graph per bucket of active rows (powers of two up
+            to B) and replays it (:mod:`dflow_fast.graphed`, docs/gradients.md): x0 must be on
+            CUDA, and a velocity or cost that synchronizes with the host is refused with the
+            cause. ``"auto"``: the same, falling back to eager evaluation with a log line where
+            a graph cannot be used (the CPU included). Default False.
 
     Returns:
         :class:`OptimizeResult`.
@@ -233,6 +240,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     check_gradient(gradient, memory_budget)
     low = resolve_autocast(autocast, x0)
     compile_options = check_compile(compile)
+    graphs, no_graphs = check_cuda_graphs(cuda_graphs, x0, gradient, compile_options is not None)
     call = velocity if compile_options is None else CompiledVelocity(velocity, compile_options)
     u = CheckedVelocity(call, cond, x0.shape[0], autocast=low, key=velocity)
     opts = optimizer_options(optimizer, options, optimizer_kwargs)
@@ -247,6 +255,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         torch.cuda.reset_peak_memory_stats(x0.device)
     start = time.perf_counter()
     obj = _Objective(u, plan, cost, regularization, gradient, x0.shape, memory_budget)
+    evaluate = GraphedObjective.wrap(obj, cuda_graphs) if graphs else obj
     B = x0.shape[0]
     bar = _progress_bar(progress, opts.max_iter)
     iteration = 0
@@ -276,7 +285,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     # region must not reach the cost, the prior or the optimizer's algebra.
     try:
         with torch.autocast(x0.device.type, enabled=False):
-            X, f, x1, smp = _run_optimizer(optimizer, obj, X, opts, on_iteration, plan)
+            X, f, x1, smp = _run_optimizer(optimizer, evaluate, X, opts, on_iteration, plan)
     finally:
         if bar is not None:
             bar.close()
@@ -286,16 +295,18 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     return OptimizeResult(
         x0=X.reshape(x0.shape), x1=x1, loss=f,
         success=torch.tensor([s in SUCCESS for s in status]),
-        status=status, nit=torch.tensor(smp.nit), nfev=torch.tensor(smp.nfev), nfe=obj.nfe,
+        status=status, nit=torch.tensor(smp.nit), nfev=torch.tensor(smp.nfev), nfe=evaluate.nfe,
         history=smp.history, wall_time=time.perf_counter() - start,
         peak_memory=torch.cuda.max_memory_allocated(x0.device) if cuda else None,
-        velocity_calls=u.calls, message=_summary(status),
+        velocity_calls=evaluate.calls if graphs else u.calls, message=_summary(status),
         extra={"optimizer": optimizer, "solver": solver, "steps": plan.steps,
                "gradient": gradient, "options": dataclasses.asdict(opts),
                "autocast": None if low is None else str(low).removeprefix("torch."),
                "compile": None if compile_options is None else  # JSON-friendly
                {k: v if isinstance(v, (str, int, float, bool)) else repr(v)
-                for k, v in compile_options.items()}})
+                for k, v in compile_options.items()},
+               "cuda_graphs": evaluate.report() if graphs else
+               None if cuda_graphs is False else {"mode": cuda_graphs, "fallback": no_graphs}})
 
 
 def _run_optimizer(optimizer: str, obj: "_Objective", X: Tensor, opts: Options, on_iteration,

@@ -78,10 +78,19 @@ class GaussianBlur(LinearOperator):
         k = torch.outer(g, g)
         self.kernel = (k / k.sum())[None, None]
         self.size, self.name = size, f"blur{std:g}"
+        # the kernel per (dtype, device), made once: a host-to-device copy per call would be a
+        # host synchronization inside every cost evaluation (and none may sit in a CUDA graph)
+        self._cast: dict[tuple, Tensor] = {}
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        key = (x.dtype, x.device)
+        if key not in self._cast:
+            self._cast[key] = self.kernel.to(device=x.device, dtype=x.dtype)
+        return self._cast[key]
 
     def __call__(self, x: Tensor) -> Tensor:
         c = x.shape[1]
-        k = self.kernel.to(x.dtype).to(x.device).expand(c, 1, -1, -1)
+        k = self._kernel(x).expand(c, 1, -1, -1)
         return F.conv2d(x, k, padding=self.size // 2, groups=c)
 
     adjoint = __call__

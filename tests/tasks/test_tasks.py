@@ -32,6 +32,20 @@ def test_adjoint_identity(name):
     assert op(x).norm() > 0
 
 
+def test_blur_kernel_follows_each_input_dtype():
+    """The blur's kernel, cached per (dtype, device), is that of the input each call: float32 and
+    float64 inputs alternately give each dtype's own result (a cache keyed wrongly would not)."""
+    op = problems.GaussianBlur()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    y64 = op(x)
+    y32 = op(x.float())
+    assert y64.dtype == torch.float64 and y32.dtype == torch.float32
+    assert torch.equal(op(x), y64)
+    direct = torch.nn.functional.conv2d(x.float(), op.kernel.float(), padding=op.size // 2)
+    assert torch.equal(y32, direct)
+    assert rel_err(y32.double(), y64) < 1e-6
+
+
 def test_box_covers_the_papers_fraction():
     m = problems.center_box_mask(28, 28)
     assert abs((1 - m.mean().item()) - (40 / 128) ** 2) < 0.01
