@@ -3,6 +3,7 @@
 # demo command (see `dflow-fast demo --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+# the demo needs only the `data` extra (PNG grids, SSIM); scripts/test.sh installs the others
+DFLOW_FAST_EXTRAS=${DFLOW_FAST_EXTRAS:-data} bash scripts/setup_env.sh
 . .venv/bin/activate
 dflow-fast demo "$@"

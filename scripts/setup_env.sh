@@ -2,7 +2,8 @@
 # Set up everything dflow_fast needs on a fresh machine: a virtualenv in .venv with the CPU build of
 # torch 2.13.0, the package (editable) with its compiled core dflow_fast._C and its test, data and
 # bench extras, and the offline datasets. Idempotent: a second run only checks (and recompiles nothing
-# that is up to date). Usage: source-free, `bash scripts/setup_env.sh`.
+# that is up to date). Usage: source-free, `bash scripts/setup_env.sh`; DFLOW_FAST_EXTRAS=data (a
+# comma-separated list) installs only those extras (scripts/demo.sh: the demo needs only `data`).
 # The C++ extension compiles against the torch installed here (no GPU or nvcc needed: CPU kernels
 # only); DFLOW_FAST_NO_EXT=1 installs pure Python instead. Other switches: see setup.py.
 set -euo pipefail
@@ -22,7 +23,8 @@ python -m pip install -q setuptools wheel ninja
 # bench: the peers (torchdiffeq, flow_matching) that the benchmark suite's parity cases compare
 # with; diffusers, flow_matching: the adapters' libraries, whose tests run in CI. Never imported
 # by `import dflow_fast` itself. molecules: QM9 (qm9pack, ~100 MB) and RDKit.
-python -m pip install -q --no-build-isolation -e ".[test,data,bench,diffusers,flow_matching,molecules]"
+EXTRAS=${DFLOW_FAST_EXTRAS:-test,data,bench,diffusers,flow_matching,molecules}
+python -m pip install -q --no-build-isolation -e ".[$EXTRAS]"
 # Fashion-MNIST is a Debian package (files under /usr/share/datasets/fashion-mnist/).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -91,6 +91,17 @@ def test_cli_gradient_choices_are_the_demos():
         parser.parse_args(["demo", "--gradient", "reversible"])
 
 
+def test_cli_demo_defaults_are_the_demos():
+    """`dflow-fast demo` without options runs demo.run's defaults (the CLI writes them out)."""
+    import inspect
+    from dflow_fast.apps import cli, demo
+    args = cli.build_parser().parse_args(["demo"])
+    defaults = {k: p.default for k, p in inspect.signature(demo.run).parameters.items()}
+    for name in ("n", "steps", "max_iter", "alpha", "sigma", "seed", "dtype", "gradient",
+                 "model", "device"):
+        assert getattr(args, name) == defaults[name], name
+
+
 def test_cli_model_choices_are_the_demos():
     """The CLI spells the demo's bundled models out: each of them and nothing else."""
     from dflow_fast.apps import cli, demo
