@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "denoise class")
     # = demo.run's defaults (tests/apps check): the main job's size, see its docstring
     f.add_argument("--steps", type=int, default=4, help="midpoint steps of the ODE solve")
-    f.add_argument("--max-iter", type=int, default=50,
+    f.add_argument("--max-iter", type=int, default=40,
                    help="L-BFGS iterations at most (each image stops at its noise level)")
     f.add_argument("--alpha", type=float, default=0.1, help="backward-blend alpha")
     f.add_argument("--sigma", type=float, default=0.05,

@@ -137,14 +137,14 @@ def _summary(res) -> dict:
             "peak_memory": res.peak_memory}
 
 
-def run(n: int = 3, tasks=DEFAULT_TASKS, steps: int = 4, max_iter: int = 50, sigma: float = 0.05,
+def run(n: int = 3, tasks=DEFAULT_TASKS, steps: int = 4, max_iter: int = 40, sigma: float = 0.05,
         alpha: float = 0.1, out: str | Path = "demo_out/fashion", seed: int = 0,
         reference: bool = True, progress: bool = True, device: str = "cpu",
         dtype: str = "float32", gradient: str = "auto", model: str = "fashion-mnist") -> dict:
     """Run the demo; returns the report (also written to ``out``/report.json and report.md).
 
     ``alpha=0.1`` is the paper's backward-blend weight (the library default); every image stops at
-    its noise level. ``steps=4, max_iter=50`` size the main job (``bash scripts/demo.sh``: all
+    its noise level. ``steps=4, max_iter=40`` size the main job (``bash scripts/demo.sh``: all
     seven tasks, three images, the per-image reference loop included) to a few minutes on two CPU
     cores; ``steps=6, max_iter=100`` (the library's solver default and a larger budget; about twice
     the time) gained 0.0 to 1.3 dB per task on the same images (docs/demo_results.md). The noise
