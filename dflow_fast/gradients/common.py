@@ -105,12 +105,15 @@ class LeafGuard:
             missing = _unknown_leaves(out, [x, *self.known])
             if missing:
                 shapes = ", ".join(str(tuple(m.shape)) for m in missing[:5])
+                # backprop itself lands here only under float16 autocast, whose graph a
+                # Function owns (to scale the cotangents): suggesting backprop would be circular
+                fix = ("Pass them as solve(..., params=[...])." if self.gradient == "backprop"
+                       else "Pass them as solve(..., params=[...]) or use gradient='backprop'.")
                 raise RuntimeError(
                     f"gradient={self.gradient!r}: the velocity uses {len(missing)} tensor(s) "
                     f"requiring grad that were not found in its closure, globals or module "
                     f"parameters (shapes "
-                    f"{shapes}); their gradients would be lost. Pass them as solve(..., "
-                    f"params=[...]) or use gradient='backprop'.")
+                    f"{shapes}); their gradients would be lost. {fix}")
         return out
 
 

@@ -49,8 +49,11 @@ def test_velocity_that_ignores_x(gradient, solver, budget, kind):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("gradient", ["adjoint", "auto"])
+@pytest.mark.parametrize("gradient", ["adjoint", "auto", "backprop"])
 def test_leaf_guard_names_the_scheme_asked_for(gradient):
+    """A tensor requiring grad that no scheme but plain autograd can find is refused, naming the
+    scheme asked for; backprop meets the guard only under float16 autocast (a Function owns its
+    graph there), and its message must not suggest backprop itself."""
     hidden = {"w": torch.randn(3, dtype=F64, requires_grad=True)}
 
     class Opaque:  # hides its tensor from discovery: a __slots__ object, no __dict__ to walk
@@ -64,8 +67,13 @@ def test_leaf_guard_names_the_scheme_asked_for(gradient):
 
     x0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
     kw = {"memory_budget": 0} if gradient == "auto" else {}
-    with pytest.raises(RuntimeError, match=f"gradient='{gradient}'"):
+    if gradient == "backprop":
+        hidden["w"] = hidden["w"].detach().float().requires_grad_(True)
+        x0 = x0.detach().float().requires_grad_(True)
+        kw = {"autocast": torch.float16}
+    with pytest.raises(RuntimeError, match=f"gradient='{gradient}'") as err:
         df.solve(velocity, x0, steps=2, gradient=gradient, **kw).sum().backward()
+    assert ("use gradient='backprop'" in str(err.value)) == (gradient != "backprop")
 
 
 def test_the_table_covers_every_fixed_scheme():
