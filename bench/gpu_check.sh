@@ -24,6 +24,15 @@
 #              problems per task), batch-1 latency eager vs graphed, bf16 vs fp32 adjoint gradient
 #              of a ~100M-parameter DiT (bench.bench_fastpath -> $RESULTS/fastpath_cuda.*);
 #              FASTPATH_ARGS; about 4 minutes on an H200
+#   autocast   issue 15: bf16/fp16 autocast accuracy per scheme and task on CUDA (bench.bench_autocast
+#              -> $RESULTS/autocast_cuda.*); AUTOCAST_ARGS (default --n 8 --max-iter 20)
+#   lbfgs      issue 15: host reads per L-BFGS iteration and their wall time on CUDA, before vs
+#              after (bench.bench_lbfgs_sync); no git on the device: LBFGS_BEFORE_FILE=the 'before'
+#              lbfgs.py (prepare it with `git show <rev>:dflow_fast/optim/lbfgs.py > FILE` in an
+#              untracked, non-ignored path so that it travels with the tree)
+#   runner     issue 14: `dflow-fast run` on CUDA, 1 .. #GPUs workers (NCCL from 2 GPUs on; one GPU
+#              runs the single-worker CUDA path), results identical across worker counts
+#              (bench.bench_jobs -> $RESULTS/jobs_cuda.*); JOBS_ARGS
 #   suite      the pytest-benchmark suite's gpu cases
 #   profile    where one gradient's time goes per method (torch.profiler: device busy/idle,
 #              launches, syncs, mallocs; bench.profile_gradient); PROFILE_ARGS
@@ -35,7 +44,7 @@
 # copied to $OUT so that a later call can carry it (DFLOW_FAST_PREBUILT=1). Offline extras:
 # PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching), DFLOW_FAST_FASHION_MNIST_DIR=data.
 # Extra arguments per stage: GRADIENT_ARGS (and GRADIENT_NAME for the file), BUDGET_ARGS, E2E_ARGS;
-# PROFILE_ARGS, DEMO_ARGS, FASTPATH_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT,
+# PROFILE_ARGS, DEMO_ARGS, FASTPATH_ARGS, AUTOCAST_ARGS, JOBS_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT,
 # FASTPATH_LIMIT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -124,6 +133,21 @@ e2e() {
   set -o pipefail
   $PY -m bench.bench_e2e --device cuda --out "$RESULTS/e2e_cuda.json" ${E2E_ARGS:-} 2>&1 | tail -25
 }
+autocast() {
+  set -o pipefail
+  $PY -m bench.bench_autocast --device cuda --out "$RESULTS/autocast_cuda.json" \
+      ${AUTOCAST_ARGS:---n 8 --max-iter 20} 2>&1 | tail -40
+}
+lbfgs() {
+  set -o pipefail
+  $PY -m bench.bench_lbfgs_sync --device cuda --out "$RESULTS/lbfgs_sync_cuda.json" \
+      ${LBFGS_BEFORE_FILE:+--before-file "$LBFGS_BEFORE_FILE"} 2>&1 | tail -30
+}
+runner() {
+  set -o pipefail
+  $PY -m bench.bench_jobs --device cuda --out "$RESULTS/jobs_cuda.json" ${JOBS_ARGS:-} 2>&1 \
+      | tail -25
+}
 fastpath() {
   set -o pipefail
   $PY -m bench.bench_fastpath --device cuda --out "$RESULTS/fastpath_cuda.json" ${FASTPATH_ARGS:-} \
@@ -149,9 +173,11 @@ demo() {  # tqdm's bar goes to the log; the report is rewritten after every task
 
 declare -A LIMIT=([build]=420 [parity]=420 [gate]=300 [kernels]=240 [gradient]=${GRADIENT_LIMIT:-540}
                   [budget]=300 [drift]=240 [e2e]=${E2E_LIMIT:-540} [suite]=300
-                  [profile]=240 [demo]=${DEMO_LIMIT:-540} [fastpath]=${FASTPATH_LIMIT:-330})
+                  [profile]=240 [demo]=${DEMO_LIMIT:-540} [fastpath]=${FASTPATH_LIMIT:-330}
+                  [autocast]=240 [lbfgs]=240 [runner]=240)
 export RESULTS PY OUT=${OUT:-}
-export -f build parity gate kernels gradient budget drift e2e fastpath suite profile demo
+export -f build parity gate kernels gradient budget drift e2e fastpath suite profile demo \
+  autocast lbfgs runner
 for s in "${STAGES[@]}"; do
   [ -n "${LIMIT[$s]:-}" ] || { echo "unknown stage $s"; exit 2; }
   run_stage "$s" "${LIMIT[$s]}"

@@ -152,6 +152,22 @@ def test_gpu_parity_job_builds_runs_the_parity_stage_and_gates_it():
     assert all("cancelled()" in s["if"] or "always()" in s["if"] for s in uploads(job))
 
 
+def test_every_gpu_check_stage_is_defined_exported_and_documented():
+    """A stage of bench/gpu_check.sh is named in its time-limit table, defined as a function,
+    exported to the child bash that runs it, and documented in the header: a typo would cost a
+    GPU session's only call."""
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    table = re.search(r"declare -A LIMIT=\((.*?)\)\n", text, re.S).group(1)
+    stages = re.findall(r"\[(\w+)\]=", table)
+    exported = re.search(r"^export -f ((?:\\\n|[^\n])*)", text, re.M).group(1).replace("\\\n", " ")
+    header = text.split("set -uo pipefail")[0]
+    assert len(stages) >= 10
+    for s in stages:
+        assert re.search(rf"^{s}\(\) \{{", text, re.M), f"stage {s}: no function"
+        assert s in exported.split(), f"stage {s}: not exported"
+        assert re.search(rf"^#   {s}\s", header, re.M), f"stage {s}: not documented"
+
+
 def _parity_stage_files() -> list[str]:
     """The test paths of bench/gpu_check.sh's parity stage."""
     text = (ROOT / "bench" / "gpu_check.sh").read_text()
