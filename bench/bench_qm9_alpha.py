@@ -15,10 +15,18 @@ goal (D-Flow's MAE at most 0.35 x the U-bound), with the usual meta (bench/lib/e
 
 Writes ``bench/results/qm9_alpha.{json,md}`` and the molecules (xyz/, molecules.sdf, the full
 per-molecule report) under ``bench/results/qm9_alpha/``.
+
+Resumes by default (``--resume``; ``--no-resume`` to refuse a folder holding chunks): the run takes
+hours on a CPU, and ``--out`` keeps every finished batch (``chunks/``), so rerunning the same
+command after a kill continues where it stopped. That is safe as a default because a folder is
+only resumed when its fingerprint (every setting that changes a batch's numbers, the flow's and
+guide's checkpoint hashes) matches; a folder of other settings is refused, naming them, and
+never overwritten: choose another --out or delete the folder to start over.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -48,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lbound-n", type=int, default=None)
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "qm9_alpha.json")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "qm9_alpha",
-                   help="folder of the molecules and the full report")
+                   help="folder of the molecules, the full report and the batches' chunks")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue the run --out holds when its settings match (default); "
+                        "--no-resume refuses a folder holding chunks")
     return p.parse_args(argv)
 
 
@@ -62,7 +73,7 @@ def main(argv=None) -> dict:
             solver=args.solver, gradient=args.gradient, prior_weight=args.prior_weight,
             seed=args.seed, batch=args.batch, device=args.device, flow=args.flow,
             guide=args.guide, evaluator=args.eval, lbound_n=args.lbound_n,
-            log=lambda s: print(s, flush=True))
+            resume=args.resume, log=lambda s: print(s, flush=True))
     mae = r["mae"]
     ratio = mae["dflow"] / mae["unconditional"] if mae["unconditional"] > 0 else float("nan")
     payload = {
@@ -72,7 +83,8 @@ def main(argv=None) -> dict:
         "lower_bound": r["lower_bound"],
         "goal": {"ratio": ratio, "at_most": GOAL_RATIO, "met": bool(ratio <= GOAL_RATIO)},
         "seconds": r["seconds"], "velocity_evaluations": r["velocity_evaluations"],
-        "status_counts": r["status_counts"], "settings": r["settings"], "models": r["models"],
+        "status_counts": r["status_counts"], "chunks": r["chunks"], "settings": r["settings"],
+        "models": r["models"],
         "edm_published": r["edm_published"], "molecules_dir": shown(args.out),
         "command": command(MODULE, argv),
     }
@@ -84,4 +96,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ImportError, ValueError) as e:  # refused before any work
+        print(f"python -m {MODULE}: error: {e}", file=sys.stderr)
+        sys.exit(2)

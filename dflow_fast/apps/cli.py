@@ -124,6 +124,9 @@ def _add_molecules_parser(sub) -> None:
                         "checkpoint records over the whole test split, else all of it)")
     m.add_argument("--validity", choices=["edm", "rdkit"], default="edm",
                    help="RDKit validity with EDM's distance bonds or RDKit's DetermineBonds")
+    m.add_argument("--resume", action="store_true",
+                   help="continue the run in --out: keep its verified batches (chunks/), "
+                        "compute the rest")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,9 @@ scores the decoded molecules (atom types by argmax, one-hot):
 Plus EDM's validity, atom and molecule stability and uniqueness for both sets
 (:mod:`dflow_fast.molecules`), seconds and velocity evaluations. Writes ``xyz/NNNN.xyz`` per
 D-Flow molecule (the comment line holds its target and evaluated alpha), ``molecules.sdf`` (the
-valid ones, via RDKit, with their alphas as properties), report.json and report.md.
+valid ones, via RDKit, with their alphas as properties), report.json and report.md. Each batch is
+written to ``chunks/`` as it finishes; ``--resume`` continues a killed run
+(:mod:`.molecules_chunks`).
 """
 from __future__ import annotations
 
@@ -44,9 +46,8 @@ from .. import molecules as mol
 from ..data.qm9 import QM9_SPLIT_SIZES, qm9, qm9_data_dir
 from ..models import EGNNFlow, EGNNRegressor, load_checkpoint
 from ..models.egnn import zero_com_noise
-from ..optimize import optimize
-from ..solve import solve
-from ..tasks.molecules import MOLECULE_TASKS, masks_for, molecule_problem
+from ..tasks.molecules import MOLECULE_TASKS, masks_for
+from . import molecules_chunks as MC
 from .provenance import provenance
 
 #: EDM's published alpha MAEs (Bohr^3; Hoogeboom et al. 2022, Table 3)
@@ -80,6 +81,7 @@ class Settings:
     evaluator: Optional[str | Path] = None
     lbound_n: Optional[int] = None
     validity: str = "edm"
+    resume: bool = False
 
     def checked(self) -> "Settings":
         """Bad options raise ValueError naming them, before anything is loaded or solved."""
@@ -94,6 +96,8 @@ class Settings:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (hi and v > hi):
                 raise ValueError(f"--{name} must be an int in 1..{hi or 'inf'}, got {v!r}")
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"resume must be True or False, got {self.resume!r}")
         if not (isinstance(self.prior_weight, (int, float)) and self.prior_weight >= 0):
             raise ValueError(f"--prior-weight must be a number >= 0, got {self.prior_weight!r}")
         for name, v, ok in (("solver", self.solver, SOLVERS),
@@ -116,17 +120,21 @@ class Settings:
                  "device": self.device, "flow": self.flow, "guide": self.guide,
                  "eval": self.evaluator, "lbound-n": self.lbound_n, "validity": self.validity}
         args = [f"--{k} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
-        return "dflow-fast molecules " + " ".join(args)
+        return "dflow-fast molecules " + " ".join(args + ["--resume"] * self.resume)
 
 
 def prepare(s: Settings) -> dict:
-    """Check the options, RDKit and QM9, load the three models: ``{"device", "models"}``.
-    Everything that can refuse the command refuses here, before any molecule is generated."""
+    """Check the options, RDKit and QM9, load the three models, check ``out`` against the run's
+    fingerprint (:func:`~.molecules_chunks.check_out`): ``{"device", "models", "job"}``.
+    Everything that can refuse the command refuses here, before anything is written."""
     s.checked()
     _require_rdkit()
     qm9_data_dir()  # qm9pack missing: ImportError with how to install it
     dev = torch.device(s.device)
-    return {"device": dev, "models": load_models(s.flow, s.guide, s.evaluator, dev)}
+    models = load_models(s.flow, s.guide, s.evaluator, dev)
+    job = MC.job_record(s, models, dev)
+    MC.check_out(Path(s.out), s.resume, job)
+    return {"device": dev, "models": models, "job": job}
 
 
 def load_models(flow=None, guide=None, evaluator=None, device="cpu") -> dict:
@@ -210,7 +218,9 @@ def run(*, out, log: Optional[Callable[[str], None]] = None, **options) -> dict:
     ``prior_weight`` (the χ_d prior's), ``batch`` (molecules per optimize call, in order of size
     so a batch pads to its largest), ``seed``, ``device``, ``lbound_n`` (test molecules for the
     L-bound; None: the checkpoint's recorded figure over the whole test split, else all of it),
-    ``validity`` (``"edm"`` or ``"rdkit"``, as :func:`dflow_fast.molecules.validity`).
+    ``validity`` (``"edm"`` or ``"rdkit"``, as :func:`dflow_fast.molecules.validity`),
+    ``resume`` (continue the run whose chunks ``out`` holds: its verified batches are loaded,
+    the rest computed; without it a folder holding chunks is refused; docs/molecules.md).
     """
     s = Settings(out=out, **options)
     return generate(s, prepare(s), log)
@@ -221,12 +231,11 @@ def generate(s: Settings, setup: dict, log: Optional[Callable[[str], None]] = No
     out, target, n, batch, steps, solver = Path(s.out), s.target, s.n, s.batch, s.steps, s.solver
     dev, models = setup["device"], setup["models"]
     log = log or (lambda msg: None)
-    flow_m, guide_m = models["flow"][0], models["guide"][0]
     start = time.perf_counter()
 
     test = qm9("test", limit=n)
     y, sizes = test.properties[target].double(), test.n_atoms
-    K = flow_m.n_types
+    K = models["flow"][0].n_types
     mask = masks_for(sizes)
     g = torch.Generator().manual_seed(s.seed)
     x0_all = zero_com_noise(mask, K, generator=g)  # drawn once: independent of --batch
@@ -236,40 +245,30 @@ def generate(s: Settings, setup: dict, log: Optional[Callable[[str], None]] = No
     secs = {"dflow": 0.0, "unconditional": 0.0}
     evals = {"dflow": 0, "unconditional": 0}
     order = torch.sort(sizes, stable=True).indices
+    job, n_batches = setup["job"], -(-n // batch)
+    fp, names = job["fingerprint"], MC.status_names()
+    # a kill loses at most the batch being solved: each is written as a chunk once it is done
+    kept = MC.set_up(out, job, s.resume, dev, log)
     for b, i in enumerate(range(0, n, batch)):
-        rows = order[i:i + batch]
-        M = int(sizes[rows].max())
-        problem = molecule_problem(guide_m, y[rows], mask[rows, :M], name=target, n_types=K,
-                                   type_scale=flow_m.type_scale, prior_weight=s.prior_weight,
-                                   x0=x0_all[rows, :M], device=dev)
-        calls = [0]
-
-        def counted(t, x, **kw):
-            calls[0] += 1
-            return flow_m(t, x, **kw)
-
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            unc = solve(counted, problem.x0, steps=steps, solver=solver, cond=problem.cond)
-        t1 = time.perf_counter()
-        res = optimize(flow_m, problem.cost, problem.x0, steps=steps, solver=solver,
-                       gradient=s.gradient, max_iter=s.max_iter, regularization=problem.prior,
-                       cond=problem.cond)
-        secs["unconditional"] += t1 - t0
-        secs["dflow"] += time.perf_counter() - t1
-        evals["unconditional"] += calls[0] * len(rows)
-        evals["dflow"] += int(res.nfe.sum())
-        x1_unc[rows, :M] = unc.detach().cpu().float()
-        x1_dflow[rows, :M] = res.x1.detach().cpu().float()
-        with torch.no_grad():  # the guide on the states the cost saw: before and after D-Flow
-            guide_end = problem.predict(res.x1).double().cpu().tolist()
-            guide_start = problem.predict(unc).double().cpu().tolist()
+        if b in kept:  # verified in set_up: the same molecules, noise and settings
+            tensors, entry = MC.load_batch(out, b, fp)
+        else:
+            tensors, entry = MC.solve_batch(s, models, order[i:i + batch], y, mask, x0_all, dev)
+            MC.save_batch(out, b, fp, tensors, entry, dev)
+        rows, M = tensors["index"], entry["atoms"]
+        x1_unc[rows, :M], x1_dflow[rows, :M] = tensors["x1_unconditional"], tensors["x1"]
+        for key in secs:  # summed over the chunks, whether computed now or loaded
+            secs[key] += entry["seconds"][key]
+            evals[key] += entry["velocity_evaluations"][key]
         for k, r in enumerate(rows.tolist()):
-            per["status"][r], per["nit"][r], per["nfe"][r] = (res.status[k], int(res.nit[k]),
-                                                              int(res.nfe[k]))
-            per["guide_alpha"][r], per["guide_alpha_start"][r] = guide_end[k], guide_start[k]
-        log(f"batch {b + 1}/{-(-n // batch)}: {len(rows)} molecules of <= {M} atoms, "
-            f"D-Flow {time.perf_counter() - t1:.1f} s, {res.message}")
+            per["status"][r] = names[int(tensors["status"][k])]
+            for key in ("nit", "nfe"):
+                per[key][r] = int(tensors[key][k])
+            for key in ("guide_alpha", "guide_alpha_start"):
+                per[key][r] = float(tensors[key][k])
+        log(f"batch {b + 1}/{n_batches}: {len(rows)} molecules of <= {M} atoms, "
+            + ("loaded from its chunk" if b in kept else
+               f"D-Flow {entry['seconds']['dflow']:.1f} s, {entry['message']}"))
 
     t_eval = time.perf_counter()
     report = evaluate(x1_dflow, x1_unc, mask, y, shuffle, models, target, dev, s.validity,
@@ -291,6 +290,9 @@ def generate(s: Settings, setup: dict, log: Optional[Callable[[str], None]] = No
         edm_published=EDM_ALPHA, provenance=provenance(dev))
     statuses = per["status"]
     report["status_counts"] = {st: statuses.count(st) for st in sorted(set(statuses))}
+    report["chunks"] = {"batches": n_batches, "resumed": len(kept),
+                        "computed": n_batches - len(kept), "fingerprint": fp,
+                        "folder": "chunks/ (docs/molecules.md, Long runs)"}
     for k in per:
         for r, rec in enumerate(report["molecules"]):
             rec[k] = per[k][r]
@@ -390,9 +392,12 @@ def to_markdown(r: dict) -> str:
         f"<= 0.35). The guide regressor's MAE on the D-Flow molecules: {m['guide']:.3f}. "
         f"Uniqueness: D-Flow {_pct(r['uniqueness'])} %, unconditional {_pct(u['uniqueness'])} %.",
         "", f"Seconds: D-Flow {r['seconds']['dflow']:.1f}, unconditional "
-        f"{r['seconds']['unconditional']:.1f}, total {r['seconds']['total']:.1f}. Velocity "
+        f"{r['seconds']['unconditional']:.1f}, this invocation {r['seconds']['total']:.1f}. "
+        "Velocity "
         f"evaluations per molecule: D-Flow {v['dflow_per_molecule']:.0f}, unconditional "
-        f"{v['unconditional_per_molecule']:.0f}. Status: {r['status_counts']}.", "",
+        f"{v['unconditional_per_molecule']:.0f}. Status: {r['status_counts']}. Batches: "
+        f"{r['chunks']['batches']}, {r['chunks']['resumed']} of them loaded from the chunks of "
+        "a killed run (seconds and evaluations: summed over all batches).", "",
         "EDM: Hoogeboom et al., Equivariant Diffusion for Molecule Generation in 3D, ICML 2022, "
         "Table 3.", ""]
     return "\n".join(lines)
@@ -407,7 +412,8 @@ def main(args) -> int:
                  steps=args.steps, seed=args.seed, batch=args.batch, device=args.device,
                  solver=args.solver, gradient=args.gradient, prior_weight=args.prior_weight,
                  flow=args.flow, guide=args.guide, evaluator=getattr(args, "eval"),
-                 lbound_n=args.lbound_n, validity=args.validity)
+                 lbound_n=args.lbound_n, validity=args.validity,
+                 resume=getattr(args, "resume", False))
     try:
         setup = prepare(s)
     except (FileNotFoundError, ImportError, ValueError) as e:
