@@ -132,7 +132,7 @@ class _Slot:
 
     def __init__(self, nb: int, D: int, full: bool, like: Tensor, B: int):
         dev = like.device
-        self.nb, self.full, self.uses, self.calls = nb, full, 0, 0
+        self.nb, self.full, self.uses, self.calls, self.solves = nb, full, 0, 0, 0
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.out: Optional[tuple[Tensor, Tensor, Tensor]] = None
         self.X = like.new_zeros(nb, D)
@@ -231,13 +231,18 @@ class GraphedObjective:
             self._slots[key] = _Slot(nb, self.shape[1:].numel(), full, self.plan.times, self.B)
         return self._slots[key]
 
-    def _count(self, idx: Optional[Tensor], n: int, calls: int) -> None:
+    def _count(self, idx: Optional[Tensor], n: int, calls: int, solves: int) -> None:
+        """``calls`` velocity calls, of which ``solves`` were the solves' (the rest: gradient=
+        "auto"'s measuring step, left out of the per-sample counts as optimize does)."""
         self.calls += calls
         if idx is None:
-            self._nfe += calls
+            self._nfe += solves
         else:  # on the device: no host read of idx
-            self._nfe.index_add_(0, idx, torch.full((n,), calls, dtype=torch.int64,
+            self._nfe.index_add_(0, idx, torch.full((n,), solves, dtype=torch.int64,
                                                     device=idx.device))
+
+    def _calls(self) -> tuple[int, int]:
+        return self.u.calls, self.u.calls - self.u.measuring_calls
 
     def _evaluate(self, slot: _Slot, idx: Optional[Tensor], X: Tensor):
         slot.stage(idx, X)
@@ -254,12 +259,12 @@ class GraphedObjective:
             if slot.graph is not None:
                 slot.graph.replay()
                 self.replays += 1
-                self._count(idx, X.shape[0], slot.calls)
+                self._count(idx, X.shape[0], slot.calls, slot.solves)
                 return slot.out
-        before = self.u.calls
+        calls, solves = self._calls()
         out = self._compute(slot, self.memory_budget)
         self.eager += 1
-        self._count(idx, X.shape[0], self.u.calls - before)
+        self._count(idx, X.shape[0], self._calls()[0] - calls, self._calls()[1] - solves)
         return out
 
     def _failed(self, e: Exception) -> None:
@@ -288,10 +293,10 @@ class GraphedObjective:
         main, side = torch.cuda.current_stream(dev), self._stream
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            before = self.u.calls
+            calls, solves = self._calls()
             with _sync_check():
                 self._compute(slot, self._budget)
-            slot.calls = self.u.calls - before
+            slot.calls, slot.solves = self._calls()[0] - calls, self._calls()[1] - solves
             self.warmup_calls += slot.calls
         main.wait_stream(side)
         torch.cuda.synchronize(dev)

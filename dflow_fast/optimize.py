@@ -48,11 +48,13 @@ class OptimizeResult:
     status: list[str]
     nit: Tensor  # [B] optimizer iterations
     nfev: Tensor  # [B] cost-and-gradient evaluations
-    nfe: Tensor  # [B] velocity evaluations spent on each sample
+    nfe: Tensor  # [B] velocity evaluations spent on each sample's solves
     history: list[list[float]]  # per sample: loss at the start and after each iteration
     wall_time: float  # seconds
     peak_memory: Optional[int] = None  # bytes, torch.cuda.max_memory_allocated on CUDA
-    velocity_calls: int = 0  # batched velocity calls (what the wall time follows)
+    # batched velocity calls (what the wall time follows), gradient="auto"'s one-off
+    # memory-measuring step included (``extra["measuring_calls"]``; not in nfe)
+    velocity_calls: int = 0
     message: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -126,7 +128,7 @@ class _Objective:
         """idx: [n] sample indices or None for all; X: [n, D]. Returns (f [n], g [n, D],
         x1 [n, *S])."""
         n = X.shape[0]
-        calls = self.u.calls
+        calls = self.u.calls - self.u.measuring_calls
         x0 = X.detach().reshape(n, *self.shape[1:]).requires_grad_(True)
         with torch.enable_grad():  # the rows' own conditioning travels with them
             x1 = run(self.u.rows(idx), self.plan, x0, self.gradient, (), guard=False,
@@ -148,7 +150,8 @@ class _Objective:
             _, value, rgrad = self.plan.ops.chi_prior(X.detach(), self.reg.weight)
             f = f + value.to(f.dtype)
             g = g + rgrad
-        used = self.u.calls - calls
+        # the solves' evaluations: gradient="auto"'s one-off measuring step is not a sample's
+        used = self.u.calls - self.u.measuring_calls - calls
         if idx is None:
             self.nfe += used
             # The full-batch evaluation starts the optimizer's x1 buffer; the optimizer writes
@@ -301,6 +304,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         velocity_calls=evaluate.calls if graphs else u.calls, message=_summary(status),
         extra={"optimizer": optimizer, "solver": solver, "steps": plan.steps,
                "gradient": gradient, "options": dataclasses.asdict(opts),
+               "measuring_calls": u.measuring_calls,
                "autocast": None if low is None else str(low).removeprefix("torch."),
                "compile": None if compile_options is None else  # JSON-friendly
                {k: v if isinstance(v, (str, int, float, bool)) else repr(v)

@@ -237,9 +237,9 @@ def _fake_capture(fail: str | None):
     def capture(self, slot):
         if fail:
             raise RuntimeError(fail)
-        before = self.u.calls
+        calls, solves = self._calls()
         self._compute(slot, self.memory_budget)  # the warm-up
-        slot.calls = self.u.calls - before
+        slot.calls, slot.solves = self._calls()[0] - calls, self._calls()[1] - solves
         self.warmup_calls += slot.calls
         slot.graph = _EagerGraph(self, slot)
     return capture

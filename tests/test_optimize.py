@@ -172,12 +172,14 @@ def test_converged_samples_stop_consuming_velocity_evaluations():
     res = df.optimize(counted, cost_for(y), x0, steps=steps, max_iter=10)
     # midpoint: 2 evaluations per step; the default gradient "auto" keeps the graphs (nothing
     # recomputed in the backward) and measures one step's graph once per velocity, in the first
-    # evaluation, which holds every sample
-    one_eval = 2 * steps + 2
+    # evaluation, which holds every sample: its 2 calls count in velocity_calls, not in nfe
+    one_eval = 2 * steps
     assert res.status[0] == "converged" and res.nit[0] == 0
     assert res.nfe[0] == one_eval
     assert (res.nfe[1:] > 5 * one_eval).all()
-    assert sum(rows) == int(res.nfe.sum())  # every evaluated row belongs to some sample
+    # every evaluated row belongs to some sample or to the measuring step (all 3 rows)
+    assert res.extra["measuring_calls"] == 2
+    assert sum(rows) == int(res.nfe.sum()) + 3 * res.extra["measuring_calls"]
     assert max(rows) == 3 and min(rows) <= 2  # later calls ran without sample 0
     assert res.velocity_calls == len(rows)
 

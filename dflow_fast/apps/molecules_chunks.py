@@ -17,7 +17,6 @@ software).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -150,10 +149,9 @@ def solve_batch(s, models: dict, rows: Tensor, y: Tensor, mask: Tensor, x0_all: 
         calls[0] += 1
         return flow_m(t, x, **kw)
 
-    # A fresh velocity object per batch: gradient="auto" caches its one-step memory measurement
-    # (whose evaluations count in nfe) on the velocity object, so without it a batch's nfe would
-    # depend on whether a batch of its size was solved before in this process (a resume).
-    velocity = functools.partial(flow_m)
+    # gradient="auto" measures its memory plan once per velocity object and keeps that step's
+    # calls out of nfe: a batch's counts do not depend on what this process solved before
+    velocity = flow_m
     t0 = time.perf_counter()
     with torch.no_grad():
         unc = solve(counted, problem.x0, steps=s.steps, solver=s.solver, cond=problem.cond)

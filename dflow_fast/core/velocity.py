@@ -4,6 +4,7 @@ the two wrappers every solve uses: :class:`ModelVelocity` for models called as
 being evaluated, checks each output against x and counts evaluations."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -30,13 +31,16 @@ class ModelVelocity(nn.Module):
 
 
 class _Counts:
-    """Evaluations shared by a velocity and its row views."""
+    """Evaluations shared by a velocity and its row views; ``measuring``: those of gradient="auto"'s
+    memory-measuring step (counted in ``calls`` too), while ``in_measure`` is set."""
 
-    __slots__ = ("calls", "rows")
+    __slots__ = ("calls", "rows", "measuring", "in_measure")
 
     def __init__(self):
         self.calls = 0
         self.rows = 0
+        self.measuring = 0
+        self.in_measure = False
 
 
 class CheckedVelocity:
@@ -74,6 +78,22 @@ class CheckedVelocity:
     def rows_evaluated(self) -> int:
         return self._counts.rows
 
+    @property
+    def measuring_calls(self) -> int:
+        """Calls made by gradient="auto"'s memory-measuring step (:meth:`measuring`): part of
+        ``calls``, but no solve's evaluations, so per-sample counts (optimize's nfe) leave them
+        out and do not depend on whether a measurement was cached."""
+        return self._counts.measuring
+
+    @contextlib.contextmanager
+    def measuring(self):
+        """Calls inside count as measuring calls as well (see :attr:`measuring_calls`)."""
+        previous, self._counts.in_measure = self._counts.in_measure, True
+        try:
+            yield
+        finally:
+            self._counts.in_measure = previous
+
     def rows(self, idx: Optional[Tensor]) -> "CheckedVelocity":
         """This velocity for the rows ``idx`` [n] of the batch (None: all of them): per-sample
         conditioning indexed, counters shared."""
@@ -109,4 +129,6 @@ class CheckedVelocity:
                 + (f" (under autocast, {self.autocast} is accepted too)" if self.autocast else ""))
         self._counts.calls += 1
         self._counts.rows += x.shape[0]
+        if self._counts.in_measure:
+            self._counts.measuring += 1
         return out.to(x.dtype) if low else out

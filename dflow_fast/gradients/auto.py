@@ -46,6 +46,7 @@ This module decides; :func:`dflow_fast.gradients.dispatch.run` runs the chosen s
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -219,7 +220,9 @@ def measure_graph_bytes(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tenso
         raise RuntimeError("dflow_fast: the memory-measuring step has no backward")
 
     leaf = x0.detach().requires_grad_(True)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    # its calls are counted apart: per-sample evaluation counts must not depend on the cache
+    counted = u.measuring() if hasattr(u, "measuring") else contextlib.nullcontext()
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack), counted:
         out = advance(u, plan, 0, 1, initial_state(plan, leaf))
     del out  # the step's graph: transient, the size of what one kept step costs anyway
     kept.clear()

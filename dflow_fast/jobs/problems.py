@@ -10,7 +10,6 @@ the draws do not depend on the device either.
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -124,10 +123,9 @@ class Solver:
         task; a summary with seconds and velocity calls)."""
         t0 = time.perf_counter()
         rows = self.chunk_rows(k)
-        # A fresh velocity object per chunk: gradient="auto" caches its one-step memory
-        # measurement (whose evaluations count in nfe) on the velocity object, so without this
-        # a chunk's nfe would depend on whether its worker had solved a chunk before.
-        velocity = functools.partial(self.velocity)
+        # gradient="auto" measures its memory plan once per velocity object and keeps that step's
+        # calls out of nfe, so a chunk's results do not depend on what its worker solved before
+        velocity = self.velocity
         p = self.problem(rows)
         x0 = self.initial_x0(p.guess, rows, velocity)
         # The discrepancy principle (as the demo): stop each problem once its data fit reaches
