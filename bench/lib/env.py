@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shlex
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from dflow_fast.jobs.chunks import json_safe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -85,7 +86,7 @@ def write_json(path: str | Path, payload: dict, device: torch.device | str,
     tmp = path.with_name(path.name + ".tmp")
     # strict JSON: json.dumps writes non-finite floats as bare NaN/Infinity before any default hook
     # sees them, which strict parsers reject; they are stored as the strings "nan", "inf", "-inf"
-    tmp.write_text(json.dumps(_finite(doc), indent=2, default=_json_default, allow_nan=False)
+    tmp.write_text(json.dumps(json_safe(doc), indent=2, default=_json_default, allow_nan=False)
                    + "\n")
     tmp.replace(path)  # a reader never sees half a file
     return path
@@ -102,17 +103,6 @@ def write_result(path: str | Path, payload: dict, device: torch.device | str,
     print(md.read_text())
     print(f"wrote {shown(path)}, {shown(md)}")
     return path
-
-
-def _finite(o: Any) -> Any:
-    """``o`` with every non-finite float replaced by its string (nested dicts, lists, tuples)."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
 
 
 def _json_default(o: Any):

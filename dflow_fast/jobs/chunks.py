@@ -73,17 +73,19 @@ def atomic_write(path: Path, data: bytes) -> None:
 def write_json(path: Path, obj) -> None:
     """Strict JSON, atomically; non-finite floats (a PSNR of identical images is inf) are
     written as the strings "inf", "-inf", "nan", as the benchmarks' result files do."""
-    text = json.dumps(_finite(obj), indent=2, allow_nan=False, default=str)
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False, default=str)
     atomic_write(path, (text + "\n").encode())
 
 
-def _finite(o):
+def json_safe(o):
+    """``o`` with every non-finite float replaced by its string (nested dicts, lists, tuples), so
+    that strict JSON (``allow_nan=False``) can hold it; the benchmarks' result files use it too."""
     if isinstance(o, float) and not math.isfinite(o):
         return str(o)
     if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
+        return {k: json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
+        return [json_safe(v) for v in o]
     return o
 
 
