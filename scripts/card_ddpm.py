@@ -76,6 +76,7 @@ def measure_ddpm(args, plt, batched, image_grid) -> dict:
         "ema": log["ema"], "hparams": log["hparams"], "wall_s": log["wall_s"],
         "threads": log["threads"], "final_loss": log["final_loss"],
         "finished": log.get("finished"),
+        "reschedules": log.get("reschedules", []),
         "fid_classifier_features": {"n": n, "nfe": nfe, "seed": args.seed, **fid,
                                     "note": "vs test images 0..n-1; same classifier and "
                                             "images as the flow model's FID"},
@@ -84,6 +85,14 @@ def measure_ddpm(args, plt, batched, image_grid) -> dict:
         "generated_class_histogram": hist.tolist(),
         "torch": torch.__version__, "diffusers": log.get("diffusers"),
     }
+
+
+def _reschedules(d: dict) -> str:
+    """The horizon changes of a ``--reschedule``d run, as a clause of the optimizer row."""
+    return "".join(f" (planned {r['decay_steps_from']:,}, shortened at step {r['step']:,} to fit "
+                   f"the CPU budget)" if r["decay_steps_to"] < r["decay_steps_from"] else
+                   f" (planned {r['decay_steps_from']:,}, extended at step {r['step']:,})"
+                   for r in d.get("reschedules", []))
 
 
 def render_ddpm(d: dict, classes) -> str:
@@ -106,7 +115,7 @@ noise, t = 1 data; `velocity.time_grid(steps)` follows the scheduler's spacing);
 | parameters | {d['parameters']:,} |
 | checkpoint | `weights/{d['file']}`, {d['size_bytes'] / 1e6:.1f} MB, EMA weights (decay {d['ema']}) |
 | objective | DDPM: x_tau = sqrt(abar) x + sqrt(1 - abar) eps, tau ~ U{{0..999}}, MSE on eps |
-| optimizer | AdamW, lr {d['lr']}, {hp['warmup']} warm-up steps then {hp['schedule']} decay to {hp['min_lr_ratio']}x at step {hp['decay_steps']:,}, gradient clipping 1.0 |
+| optimizer | AdamW, lr {d['lr']}, {hp['warmup']} warm-up steps then {hp['schedule']} decay to {hp['min_lr_ratio']}x at step {hp['decay_steps']:,}{_reschedules(d)}, gradient clipping 1.0 |
 | training | {d['steps']:,} steps of batch {d['batch_size']} ({d['steps'] * d['batch_size'] / 60000:.1f} epochs), {d['wall_s'] / 3600:.1f} h wall time on {d['threads']} thread ({status}) |
 | final training loss | {d['final_loss']:.4f} |
 

@@ -26,6 +26,10 @@ Long runs are meant to be stopped and resumed (possibly in another session, on a
 ``--resume`` continues from ``<out>/state.pt`` (or starts fresh if there is none); the run's
 hyperparameters come from the state, and giving a different value on the command line is an error
 (``--max-steps``, ``--minutes``, ``--threads``, ``--save-minutes``, ``--log-every`` may change).
+``--reschedule`` is the one deliberate exception: with it, ``--decay-steps N`` shortens or extends
+the cosine horizon of a resumed run from its current step on (N must lie beyond that step); each
+change is recorded in the state and in ``train_log.json`` under ``reschedules`` (step, old, new),
+and the curve shows the learning rate's jump there.
 Without ``--resume`` an existing state is never overwritten.
 
 ``--export PATH`` trains nothing: it writes the EMA weights of ``<out>/state.pt`` to a safetensors
@@ -95,6 +99,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("dflow_fast/models/weights/ddpm_run"),
                    help="folder of state.pt and train_log.json")
+    p.add_argument("--reschedule", action="store_true",
+                   help="with --resume: accept a new --decay-steps (recorded in the log)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/state.pt (start fresh if it does not exist)")
     p.add_argument("--export", type=Path, default=None, metavar="PATH",
@@ -127,21 +133,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve_hparams(args, stored: dict | None) -> dict:
-    """The run's hyperparameters: CLI value, else the stored one (on resume), else the default."""
+def resolve_hparams(args, stored: dict | None, defaults: dict = RUN_DEFAULTS,
+                    prog: str = "train_ddpm", smoke_limit: int = 256) -> dict:
+    """The run's hyperparameters: CLI value, else the stored one (on resume), else the default.
+    On resume a differing value is an error, except ``--decay-steps`` under ``--reschedule``."""
     hp = {}
-    for name, default in RUN_DEFAULTS.items():
+    for name, default in defaults.items():
         given = getattr(args, name)
         if stored is not None:
             if given is not None and given != stored[name]:
+                if name == "decay_steps" and args.reschedule:
+                    hp[name] = given
+                    continue
                 raise SystemExit(
-                    f"train_ddpm: --{name.replace('_', '-')} {given} differs from the resumed "
+                    f"{prog}: --{name.replace('_', '-')} {given} differs from the resumed "
                     f"run's {stored[name]!r}; drop the flag (or start a new run in another --out)")
             hp[name] = stored[name]
         else:
             hp[name] = default if given is None else given
     if stored is None and hp["smoke"] and hp["limit"] is None:
-        hp["limit"] = 256
+        hp["limit"] = smoke_limit
     return hp
 
 
@@ -166,6 +177,20 @@ def derived_seed(*ints: int) -> int:
     """A well-mixed 63-bit seed from integers (the stream of one epoch / one step)."""
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint64)[0]
                >> np.uint64(1))
+
+
+def apply_reschedule(st: dict, stored_hp: dict | None, hp: dict, prog: str):
+    """Record a ``--reschedule`` (a new cosine horizon from the current step on) in the state."""
+    st.setdefault("reschedules", [])
+    if stored_hp is None or hp["decay_steps"] == stored_hp["decay_steps"]:
+        return
+    if hp["decay_steps"] <= st["step"]:
+        raise SystemExit(f"{prog}: --decay-steps {hp['decay_steps']} must lie beyond the resumed "
+                         f"step {st['step']}")
+    st["reschedules"].append({"step": st["step"], "decay_steps_from": stored_hp["decay_steps"],
+                              "decay_steps_to": hp["decay_steps"]})
+    print(f"rescheduled at step {st['step']}: cosine horizon {stored_hp['decay_steps']} -> "
+          f"{hp['decay_steps']}", flush=True)
 
 
 def lr_at(step: int, hp: dict) -> float:
@@ -222,7 +247,7 @@ def log_record(st: dict, n_params: int, finished: bool) -> dict:
         "final_loss": curve["loss"][-1] if curve["loss"] else None, "hparams": hp,
         "torch": torch.__version__, "diffusers": _diffusers_version(),
         "platform": platform.platform(), "processor": platform.processor(),
-        "finished": finished, "curve": curve,
+        "reschedules": st.get("reschedules", []), "finished": finished, "curve": curve,
     }
 
 
@@ -341,8 +366,10 @@ def train(args):
         torch.set_rng_state(stored["torch_rng"])
         for k in ("step", "wall_s", "curve", "running", "sessions"):
             st[k] = stored[k]
+        st["reschedules"] = stored.get("reschedules", [])
         print(f"resumed {state_path} at step {st['step']} "
               f"({st['wall_s'] / 60:.1f} min trained so far)", flush=True)
+    apply_reschedule(st, stored and stored["hparams"], hp, "train_ddpm")
     del stored
     st["max_steps"] = max_steps
     st["sessions"].append({"start_step": st["step"], "threads": args.threads,

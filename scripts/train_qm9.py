@@ -22,7 +22,8 @@ and is cut to its largest molecule (dense pairs cost M^2; this halves the paddin
 Runs stop and resume like ``scripts/train_ddpm.py`` (whose checkpointing helpers this reuses):
 ``<out>/state.pt`` (model, EMA, AdamW, step, curve, RNG; atomic writes every ``--save-minutes``,
 at ``--minutes``, at the end and on SIGTERM/SIGINT), ``<out>/train_log.json`` (the loss curve
-and settings), ``--resume`` (hyperparameters from the state; a different value is an error),
+and settings), ``--resume`` (hyperparameters from the state; a different value is an error, except
+``--decay-steps`` with ``--reschedule``, recorded under ``reschedules``),
 ``--export PATH`` (the EMA weights as safetensors + ``PATH.json``). The batch order and noise of
 step s come from generators seeded by (seed, epoch) and (seed, s): a resumed run repeats an
 uninterrupted one.
@@ -60,7 +61,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from dflow_fast.data import qm9  # noqa: E402
 from dflow_fast.models import save_checkpoint  # noqa: E402
 from dflow_fast.models.egnn import EGNNFlow, EGNNRegressor, zero_com_noise  # noqa: E402
-from train_ddpm import _StopFlag, atomic_write, derived_seed, ema_update, lr_at  # noqa: E402
+from train_ddpm import (_StopFlag, apply_reschedule, atomic_write, derived_seed,  # noqa: E402
+                        ema_update, lr_at)
+from train_ddpm import resolve_hparams as ddpm_resolve_hparams  # noqa: E402
 
 STATE_FORMAT = "dflow_fast.train_qm9/1"
 HALF = {"flow": "train_a", "guide": "train_a", "eval": "train_b"}
@@ -87,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(HALF), required=True)
     p.add_argument("--out", type=Path, required=True, help="folder of state.pt, train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from <out>/state.pt")
+    p.add_argument("--reschedule", action="store_true",
+                   help="with --resume: accept a new --decay-steps (recorded in the log)")
     p.add_argument("--export", type=Path, default=None, metavar="PATH",
                    help="write the EMA weights of <out>/state.pt as safetensors and exit")
     p.add_argument("--batch-size", type=int, default=None, help="default 64")
@@ -113,20 +118,8 @@ def parse_args(argv=None):
 
 
 def resolve_hparams(args, stored):
-    hp = {}
     defaults = {**RUN_DEFAULTS, **({} if args.model == "flow" else REGRESSOR_DEFAULTS)}
-    for name, default in defaults.items():
-        given = getattr(args, name)
-        if stored is not None:
-            if given is not None and given != stored[name]:
-                raise SystemExit(f"train_qm9: --{name.replace('_', '-')} {given} differs from "
-                                 f"the resumed run's {stored[name]!r}; drop the flag")
-            hp[name] = stored[name]
-        else:
-            hp[name] = default if given is None else given
-    if stored is None and hp["smoke"] and hp["limit"] is None:
-        hp["limit"] = 128
-    return hp
+    return ddpm_resolve_hparams(args, stored, defaults, "train_qm9", smoke_limit=128)
 
 
 def make_model(kind: str, config: dict):
@@ -183,7 +176,8 @@ def log_record(st, n_params, finished):
             "steps": st["step"], "wall_s": round(st["wall_s"], 1), "threads": st["threads"],
             "final_loss": curve["loss"][-1] if curve["loss"] else None, "hparams": hp,
             "valid_mae": st.get("valid_mae"), "torch": torch.__version__,
-            "platform": platform.platform(), "finished": finished, "curve": curve}
+            "platform": platform.platform(), "reschedules": st.get("reschedules", []),
+            "finished": finished, "curve": curve}
 
 
 def export(args):
@@ -254,11 +248,12 @@ def train(args):
         ema.load_state_dict(stored["ema"])
         opt.load_state_dict(stored["opt"])
         torch.set_rng_state(stored["torch_rng"])
-        for k in ("step", "wall_s", "curve", "running", "sessions", "valid_mae"):
+        for k in ("step", "wall_s", "curve", "running", "sessions", "valid_mae", "reschedules"):
             if k in stored:
                 st[k] = stored[k]
         print(f"resumed {state_path} at step {st['step']} ({st['wall_s'] / 60:.1f} min so far)",
               flush=True)
+    apply_reschedule(st, stored and stored["hparams"], hp, "train_qm9")
     del stored
     st["max_steps"] = max_steps
     st["sessions"].append({"start_step": st["step"], "threads": args.threads,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -102,6 +103,31 @@ def test_guards_against_clobbering_a_run(train_ddpm, tmp_path):
     assert (out / "state.pt").read_bytes() == before
     with pytest.raises(SystemExit, match="nothing to export"):
         train_ddpm.main(["--out", str(tmp_path / "none"), "--export", str(tmp_path / "x.st")])
+
+
+def test_reschedule_changes_the_horizon_only_when_asked_and_records_it(train_ddpm, tmp_path):
+    out = tmp_path / "run"
+    train_ddpm.main(SMOKE + ["--warmup", "1", "--decay-steps", "8", "--max-steps", "3",
+                             "--out", str(out)])
+    before = (out / "state.pt").read_bytes()
+    with pytest.raises(SystemExit, match="--decay-steps 5 differs"):
+        train_ddpm.main(["--resume", "--decay-steps", "5", "--out", str(out)])
+    with pytest.raises(SystemExit, match="must lie beyond the resumed step 3"):
+        train_ddpm.main(["--resume", "--reschedule", "--decay-steps", "3", "--out", str(out)])
+    assert (out / "state.pt").read_bytes() == before  # refused before any work
+    assert train_ddpm.main(["--resume", "--reschedule", "--decay-steps", "5", "--out",
+                            str(out)]) == 5  # --max-steps defaults to the new horizon
+    st = _state(out)
+    assert st["hparams"]["decay_steps"] == 5
+    assert st["reschedules"] == [{"step": 3, "decay_steps_from": 8, "decay_steps_to": 5}]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["reschedules"] == st["reschedules"] and log["hparams"]["decay_steps"] == 5
+    # The new horizon is the state's: a later plain --resume keeps it, and the cosine ends there.
+    assert train_ddpm.lr_at(4, st["hparams"]) == pytest.approx(
+        st["hparams"]["lr"] * (st["hparams"]["min_lr_ratio"]
+                               + (1 - st["hparams"]["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
+    assert train_ddpm.main(["--resume", "--max-steps", "6", "--out", str(out)]) == 6
+    assert len(_state(out)["reschedules"]) == 1
 
 
 def test_export_loads_back_into_unet2dmodel(train_ddpm, tmp_path):

@@ -71,6 +71,12 @@ def test_flow_resume_is_bitwise_identical_and_exports(train_qm9, tmp_path):
     ema.load_state_dict(sa["ema"])
     for k, v in ema.state_dict().items():
         assert torch.equal(flow.state_dict()[k], v)
+    # --reschedule: a new cosine horizon from the resumed step on, recorded (shared with DDPM)
+    train_qm9.main(["--model", "flow", "--resume", "--reschedule", "--decay-steps", "7",
+                    "--out", str(a)])
+    st = _state(a)
+    assert st["step"] == 7 and st["hparams"]["decay_steps"] == 7
+    assert st["reschedules"] == [{"step": 6, "decay_steps_from": 40_000, "decay_steps_to": 7}]
 
     # unconditional samples: the requested sizes, zero CoM, nothing on padded slots
     n_atoms = torch.tensor([4, 9, 6, 9])
