@@ -13,8 +13,10 @@ goal (D-Flow's MAE at most 0.35 x the U-bound), with the usual meta (bench/lib/e
     python -m bench.bench_qm9_alpha --n 2 --max-iter 2 --flow F --guide G --eval E \\
         --json /tmp/q.json --out /tmp/q                     # a smoke run with other models
 
-Writes ``bench/results/qm9_alpha.{json,md}`` and the molecules (xyz/, molecules.sdf, the full
-per-molecule report) under ``bench/results/qm9_alpha/``.
+Writes ``bench/results/qm9_alpha.{json,md}``, ``qm9_alpha.png`` (RDKit drawings of a few valid
+D-Flow molecules spread over the targets' range, each with its target and evaluated alpha: the
+README's picture) and the molecules (xyz/, molecules.sdf, the full per-molecule report) under
+``bench/results/qm9_alpha/``.
 
 Resumes by default (``--resume``; ``--no-resume`` to refuse a folder holding chunks): the run takes
 hours on a CPU, and ``--out`` keeps every finished batch (``chunks/``), so rerunning the same
@@ -63,6 +65,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def draw_molecules(sdf: Path, png: Path, k: int = 8, per_row: int = 4) -> int:
+    """Draw ``k`` molecules of ``sdf`` (as :func:`dflow_fast.apps.molecules.write_molecules`
+    writes it) spread evenly over their targets' range, hydrogens hidden, each captioned with its
+    target and evaluated alpha; writes ``png`` (RDKit's Cairo drawer) and returns how many were
+    drawn (0: no file written)."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+    from rdkit.Chem.Draw import rdMolDraw2D
+
+    if k < 1 or not sdf.is_file() or sdf.stat().st_size == 0:  # RDKit refuses an empty file
+        return 0
+    mols = [m for m in Chem.SDMolSupplier(str(sdf), removeHs=False) if m is not None]
+    if not mols:
+        return 0
+    mols.sort(key=lambda m: m.GetDoubleProp("target"))
+    n = len(mols)
+    picks = range(n) if k >= n else [round(i * (n - 1) / max(1, k - 1)) for i in range(k)]
+    drawn, legends = [], []
+    for i in picks:
+        m = Chem.RemoveHs(mols[i])
+        AllChem.Compute2DCoords(m)
+        drawn.append(m)
+        legends.append(f"{mols[i].GetProp('_Name')}: target {mols[i].GetDoubleProp('target'):.1f}"
+                       f", got {mols[i].GetDoubleProp("eval_alpha"):.1f} Bohr^3")
+    cols = min(per_row, len(drawn))
+    rows = -(-len(drawn) // cols)
+    d2d = rdMolDraw2D.MolDraw2DCairo(cols * 260, rows * 220, 260, 220)
+    d2d.drawOptions().legendFontSize = 15
+    d2d.DrawMolecules(drawn, legends=legends)
+    d2d.FinishDrawing()
+    png.write_bytes(d2d.GetDrawingText())
+    return len(drawn)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from dflow_fast.apps.molecules import run, to_markdown
@@ -91,7 +127,10 @@ def main(argv=None) -> dict:
     path = write_json(args.json, payload, args.device, meta=environment(args.device))
     path.with_suffix(".md").write_text(to_markdown(r))
     print(to_markdown(r))
-    print(f"wrote {shown(path)}, {shown(path.with_suffix('.md'))} and {shown(args.out)}/")
+    png = path.with_suffix(".png")
+    n_drawn = draw_molecules(args.out / "molecules.sdf", png)
+    print(f"wrote {shown(path)}, {shown(path.with_suffix('.md'))}"
+          f"{f', {shown(png)} ({n_drawn} drawn)' if n_drawn else ''} and {shown(args.out)}/")
     return payload
 
 

@@ -158,3 +158,26 @@ def test_writer_puts_the_valid_molecules_in_the_sdf(tmp_path):
         assert m.GetDoubleProp("target") == pytest.approx(recs[i]["target"])
         assert m.GetNumAtoms() <= int(test.n_atoms[i])
     assert len(list((out / "xyz").glob("*.xyz"))) == 4
+
+
+def test_picture_draws_molecules_spread_over_the_targets(tmp_path):
+    rdkit_or_skip()
+    test = qm9_or_skip("test", limit=8)
+    from bench.bench_qm9_alpha import draw_molecules
+    from dflow_fast import molecules as mol
+
+    x1 = torch.cat([test.positions, 0.25 * test.one_hot], -1)
+    q = mol.evaluate(test.positions, test.one_hot, test.mask)
+    recs = [{"target": float(a), "eval_alpha": float(a) + 1, "guide_alpha": float(a),
+             "valid": v} for a, v in zip(test.properties["alpha"], q["valid"])]
+    n_valid = app.write_molecules(tmp_path, recs, x1, test.mask)
+    assert n_valid >= 4
+    png = tmp_path / "grid.png"
+    assert draw_molecules(tmp_path / "molecules.sdf", png, k=3) == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # asking for more than there are draws each once; an empty .sdf draws nothing, writes nothing
+    assert draw_molecules(tmp_path / "molecules.sdf", png, k=50) == n_valid
+    empty = tmp_path / "empty"
+    app.write_molecules(empty, [dict(r, valid=False) for r in recs], x1, test.mask)
+    assert draw_molecules(empty / "molecules.sdf", tmp_path / "none.png") == 0
+    assert not (tmp_path / "none.png").exists()
