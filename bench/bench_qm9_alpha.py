@@ -88,7 +88,7 @@ def draw_molecules(sdf: Path, png: Path, k: int = 8, per_row: int = 4) -> int:
         AllChem.Compute2DCoords(m)
         drawn.append(m)
         legends.append(f"{mols[i].GetProp('_Name')}: target {mols[i].GetDoubleProp('target'):.1f}"
-                       f", got {mols[i].GetDoubleProp("eval_alpha"):.1f} Bohr^3")
+                       f", got {mols[i].GetDoubleProp('eval_alpha'):.1f} Bohr^3")
     cols = min(per_row, len(drawn))
     rows = -(-len(drawn) // cols)
     d2d = rdMolDraw2D.MolDraw2DCairo(cols * 260, rows * 220, 260, 220)
