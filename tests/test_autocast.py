@@ -59,8 +59,12 @@ def test_reversible_solvers_under_autocast(low, solver):
         with warnings.catch_warnings():
             warnings.simplefilter("error", df.ReconstructionWarning)
             out = gradients(v, x0, solver=solver, gradient=gradient, autocast=low)
+        # the adjoint and reversible sweeps evaluate the velocity at reconstructed states that
+        # differ from the forward's by float32 roundoff, which can flip float16's roundings:
+        # measured 1.9e-4 (float16 on an AVX-512 AMD EPYC; 0 to 7e-8 elsewhere), below
+        # float16's unit roundoff 4.9e-4; a wrong sweep is off by O(1)
         for a, b in zip(out, ref):
-            assert rel_err(a, b) <= 1e-4
+            assert rel_err(a, b) <= 5e-4
 
 
 def test_the_velocity_runs_under_autocast_and_its_output_is_cast_back():
@@ -107,9 +111,11 @@ def test_float16_scales_cotangents_that_would_underflow(gradient):
                          autocast=torch.float16)
     out = gradients(v, x0, scale=1e-10, solver=solver, gradient=gradient,
                     autocast=torch.float16)
-    # float16's unit roundoff is 4.9e-4; measured here: 5e-5 for x0, at most 1.2e-4 (a bias)
+    # float16's unit roundoff is 4.9e-4; measured: 5e-5 for x0, for the weights at most 1.2e-4
+    # on an Intel CPU and 1.0e-3 on an AVX-512 AMD EPYC (its float16 convolution kernels round
+    # differently); the bound allows 8 roundoffs, 18x below the unscaled loop's 7e-2
     for k in range(1, len(out)):
-        assert rel_err(out[k], fp32[k]) <= 1e-3
+        assert rel_err(out[k], fp32[k]) <= 4e-3
     if gradient != "reversible":
         assert rel_err(unscaled[1], fp32[1]) > 1e-2  # measured 7e-2
     # x0 only (optimize's case): the per-sample scale
