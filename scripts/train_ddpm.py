@@ -59,6 +59,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -323,6 +324,61 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def run_steps(st: dict, hp: dict, args, max_steps: int, model, ema, opt, step_loss, save,
+              t_start: float, wall_before: float) -> Optional[str]:
+    """The optimizer steps from ``st["step"]`` to ``max_steps`` (shared with train_qm9.py):
+    learning rate ``lr_at(step)``, ``step_loss(step)`` (the batch and noise of that step, from
+    their own seeded generators), gradient clipping 1.0, the EMA with its short-run warm-up, the
+    loss curve every ``--log-every`` steps, a checkpoint (``save(reason)``) every
+    ``--save-minutes``, at ``--minutes``, on SIGTERM/SIGINT and at the end. Returns why it
+    stopped early (None: ``max_steps`` reached)."""
+    last_save, last_log_t, last_log_step = time.time(), time.time(), st["step"]
+    stop_reason = None
+    with _StopFlag() as stop:
+        while st["step"] < max_steps:
+            step = st["step"]
+            lr = lr_at(step, hp)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = step_loss(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            st["step"] = step = step + 1
+            # Short-run EMA warm-up: average over at most the steps seen so far.
+            ema_update(ema, model, min(hp["ema"], (1 + step) / (10 + step)))
+
+            loss_v = loss.item()
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            st["running"][0] += loss_v
+            st["running"][1] += 1
+            if step % args.log_every == 0 or step == max_steps:
+                mean = st["running"][0] / st["running"][1]
+                elapsed = wall_before + time.time() - t_start
+                st["curve"]["step"].append(step)
+                st["curve"]["loss"].append(mean)
+                st["curve"]["wall_s"].append(round(elapsed, 1))
+                now = time.time()
+                rate = (now - last_log_t) / max(1, step - last_log_step)
+                print(f"step {step:6d}/{max_steps}  loss {mean:.4f}  lr {lr:.2e}  "
+                      f"{rate:.3f} s/step  {elapsed / 60:7.1f} min total", flush=True)
+                st["running"] = [0.0, 0]
+                last_log_t, last_log_step = now, step
+            if stop.signal is not None:
+                stop_reason = f"received {stop.signal}"
+                break
+            if args.minutes is not None and time.time() - t_start > 60 * args.minutes:
+                stop_reason = f"--minutes {args.minutes} reached"
+                break
+            if time.time() - last_save > 60 * args.save_minutes:
+                save("periodic")
+                last_save = time.time()
+        save(stop_reason or ("done" if st["step"] >= max_steps else "end"))
+    return stop_reason
+
+
 def train(args):
     out = Path(args.out)
     state_path, log_path = out / "state.pt", out / "train_log.json"
@@ -395,57 +451,19 @@ def train(args):
           f"{args.threads} thread(s)", flush=True)
     model.train()
     perm_epoch, perm = None, None
-    last_save, last_log_t, last_log_step = time.time(), time.time(), st["step"]
-    stop_reason = None
-    with _StopFlag() as stop:
-        while st["step"] < max_steps:
-            step = st["step"]
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:
-                g_epoch = torch.Generator().manual_seed(derived_seed(hp["seed"], 0, epoch))
-                perm, perm_epoch = torch.randperm(n, generator=g_epoch), epoch
-            x0 = images[perm[i * hp["batch_size"]:(i + 1) * hp["batch_size"]]]
-            g_step = torch.Generator().manual_seed(derived_seed(hp["seed"], 1, step))
 
-            lr = lr_at(step, hp)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = ddpm_loss(model, scheduler, x0, g_step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            st["step"] = step = step + 1
-            # Short-run EMA warm-up: average over at most the steps seen so far.
-            ema_update(ema, model, min(hp["ema"], (1 + step) / (10 + step)))
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal perm_epoch, perm
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            g_epoch = torch.Generator().manual_seed(derived_seed(hp["seed"], 0, epoch))
+            perm, perm_epoch = torch.randperm(n, generator=g_epoch), epoch
+        x0 = images[perm[i * hp["batch_size"]:(i + 1) * hp["batch_size"]]]
+        g_step = torch.Generator().manual_seed(derived_seed(hp["seed"], 1, step))
+        return ddpm_loss(model, scheduler, x0, g_step)
 
-            loss_v = loss.item()
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"non-finite loss at step {step}")
-            st["running"][0] += loss_v
-            st["running"][1] += 1
-            if step % args.log_every == 0 or step == max_steps:
-                mean = st["running"][0] / st["running"][1]
-                elapsed = wall_before + time.time() - t_start
-                st["curve"]["step"].append(step)
-                st["curve"]["loss"].append(mean)
-                st["curve"]["wall_s"].append(round(elapsed, 1))
-                now = time.time()
-                rate = (now - last_log_t) / max(1, step - last_log_step)
-                print(f"step {step:6d}/{max_steps}  loss {mean:.4f}  lr {lr:.2e}  "
-                      f"{rate:.3f} s/step  {elapsed / 60:7.1f} min total", flush=True)
-                st["running"] = [0.0, 0]
-                last_log_t, last_log_step = now, step
-            if stop.signal is not None:
-                stop_reason = f"received {stop.signal}"
-                break
-            if args.minutes is not None and time.time() - t_start > 60 * args.minutes:
-                stop_reason = f"--minutes {args.minutes} reached"
-                break
-            if time.time() - last_save > 60 * args.save_minutes:
-                save("periodic")
-                last_save = time.time()
-        save(stop_reason or ("done" if st["step"] >= max_steps else "end"))
+    stop_reason = run_steps(st, hp, args, max_steps, model, ema, opt, step_loss, save,
+                            t_start, wall_before)
     print(f"stopped at step {st['step']}/{max_steps}: {stop_reason or 'max steps reached'}; "
           f"{(time.time() - t_start) / 60:.1f} min this run", flush=True)
     return st["step"]

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import sys
 import time
@@ -61,8 +60,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from dflow_fast.data import qm9  # noqa: E402
 from dflow_fast.models import save_checkpoint  # noqa: E402
 from dflow_fast.models.egnn import EGNNFlow, EGNNRegressor, zero_com_noise  # noqa: E402
-from train_ddpm import (_StopFlag, apply_reschedule, atomic_write, derived_seed,  # noqa: E402
-                        ema_update, lr_at)
+from train_ddpm import apply_reschedule, atomic_write, derived_seed, run_steps  # noqa: E402
 from train_ddpm import resolve_hparams as ddpm_resolve_hparams  # noqa: E402
 
 STATE_FORMAT = "dflow_fast.train_qm9/1"
@@ -282,57 +280,22 @@ def train(args):
     steps_per_epoch = n // hp["batch_size"]
     batches, batches_epoch = None, None
     n_atoms = mol.n_atoms
-    last_save, last_log_t, last_log_step, stop_reason = time.time(), time.time(), st["step"], None
-    with _StopFlag() as stop:
-        while st["step"] < max_steps:
-            step = st["step"]
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != batches_epoch:
-                batches = epoch_batches(n_atoms, hp["batch_size"], hp["seed"], epoch)
-                batches_epoch = epoch
-            pos, oh, mask, alpha = cut(mol, batches[i])
-            g = torch.Generator().manual_seed(derived_seed(hp["seed"], 1, step))
-            lr = lr_at(step, hp)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if kind == "flow":
-                loss = flow_loss(model, pos, oh, mask, g)
-            else:
-                pred = (model(pos, oh, mask) - model.mean) / model.std
-                loss = (pred - (alpha - model.mean) / model.std).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            st["step"] = step = step + 1
-            ema_update(ema, model, min(hp["ema"], (1 + step) / (10 + step)))
-            loss_v = loss.item()
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"non-finite loss at step {step}")
-            st["running"][0] += loss_v
-            st["running"][1] += 1
-            if step % args.log_every == 0 or step == max_steps:
-                mean = st["running"][0] / st["running"][1]
-                elapsed = wall_before + time.time() - t_start
-                st["curve"]["step"].append(step)
-                st["curve"]["loss"].append(mean)
-                st["curve"]["wall_s"].append(round(elapsed, 1))
-                now = time.time()
-                rate = (now - last_log_t) / max(1, step - last_log_step)
-                print(f"step {step:6d}/{max_steps}  loss {mean:.4f}  lr {lr:.2e}  "
-                      f"{rate:.3f} s/step  {elapsed / 60:7.1f} min total", flush=True)
-                st["running"] = [0.0, 0]
-                last_log_t, last_log_step = now, step
-            if stop.signal is not None:
-                stop_reason = f"received {stop.signal}"
-                break
-            if args.minutes is not None and time.time() - t_start > 60 * args.minutes:
-                stop_reason = f"--minutes {args.minutes} reached"
-                break
-            if time.time() - last_save > 60 * args.save_minutes:
-                save("periodic")
-                last_save = time.time()
-        save(stop_reason or ("done" if st["step"] >= max_steps else "end"))
+
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal batches, batches_epoch
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            batches = epoch_batches(n_atoms, hp["batch_size"], hp["seed"], epoch)
+            batches_epoch = epoch
+        pos, oh, mask, alpha = cut(mol, batches[i])
+        g = torch.Generator().manual_seed(derived_seed(hp["seed"], 1, step))
+        if kind == "flow":
+            return flow_loss(model, pos, oh, mask, g)
+        pred = (model(pos, oh, mask) - model.mean) / model.std
+        return (pred - (alpha - model.mean) / model.std).abs().mean()
+
+    stop_reason = run_steps(st, hp, args, max_steps, model, ema, opt, step_loss, save,
+                            t_start, wall_before)
     print(f"stopped at step {st['step']}/{max_steps}: {stop_reason or 'max steps reached'}",
           flush=True)
     return st
