@@ -99,6 +99,14 @@ def draw_molecules(sdf: Path, png: Path, k: int = 8, per_row: int = 4) -> int:
     return len(drawn)
 
 
+def checkpoints(models: dict) -> dict:
+    """{role: path} -> {role: {"file": path relative to the repository, "sha256"}}."""
+    import hashlib
+
+    return {k: {"file": shown(v), "sha256": hashlib.sha256(Path(v).read_bytes()).hexdigest()}
+            for k, v in models.items()}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from dflow_fast.apps.molecules import run, to_markdown
@@ -120,7 +128,7 @@ def main(argv=None) -> dict:
         "goal": {"ratio": ratio, "at_most": GOAL_RATIO, "met": bool(ratio <= GOAL_RATIO)},
         "seconds": r["seconds"], "velocity_evaluations": r["velocity_evaluations"],
         "status_counts": r["status_counts"], "chunks": r["chunks"], "settings": r["settings"],
-        "models": r["models"],
+        "models": checkpoints(r["models"]),
         "edm_published": r["edm_published"], "molecules_dir": shown(args.out),
         "command": command(MODULE, argv),
     }

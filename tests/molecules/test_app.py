@@ -115,6 +115,8 @@ def test_bench_script_writes_the_issue_fields(tiny, tmp_path):
     meta = doc["meta"]
     assert meta["device"] == "cpu" and "commit" in meta and meta["torch"] == torch.__version__
     assert doc["command"].startswith("python -m bench.bench_qm9_alpha --n 2")
+    assert doc["models"]["flow"]["file"].endswith(tiny["flow"].name)
+    assert len(doc["models"]["eval"]["sha256"]) == 64
     assert path.with_suffix(".md").is_file() and (tmp_path / "mols" / "report.json").is_file()
 
 
