@@ -101,10 +101,9 @@ def draw_molecules(sdf: Path, png: Path, k: int = 8, per_row: int = 4) -> int:
 
 def checkpoints(models: dict) -> dict:
     """{role: path} -> {role: {"file": path relative to the repository, "sha256"}}."""
-    import hashlib
+    from dflow_fast.jobs.chunks import sha256_file
 
-    return {k: {"file": shown(v), "sha256": hashlib.sha256(Path(v).read_bytes()).hexdigest()}
-            for k, v in models.items()}
+    return {k: {"file": shown(v), "sha256": sha256_file(Path(v))} for k, v in models.items()}
 
 
 def main(argv=None) -> dict:

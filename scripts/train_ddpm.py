@@ -180,9 +180,11 @@ def derived_seed(*ints: int) -> int:
                >> np.uint64(1))
 
 
-def apply_reschedule(st: dict, stored_hp: dict | None, hp: dict, prog: str):
-    """Record a ``--reschedule`` (a new cosine horizon from the current step on) in the state."""
-    st.setdefault("reschedules", [])
+def apply_reschedule(st: dict, stored: dict | None, hp: dict, prog: str):
+    """Carry the resumed state's ``reschedules`` into ``st`` and record a new one (``--reschedule``:
+    a new cosine horizon from the current step on)."""
+    st["reschedules"] = list(stored.get("reschedules", [])) if stored else []
+    stored_hp = stored["hparams"] if stored else None
     if stored_hp is None or hp["decay_steps"] == stored_hp["decay_steps"]:
         return
     if hp["decay_steps"] <= st["step"]:
@@ -422,10 +424,9 @@ def train(args):
         torch.set_rng_state(stored["torch_rng"])
         for k in ("step", "wall_s", "curve", "running", "sessions"):
             st[k] = stored[k]
-        st["reschedules"] = stored.get("reschedules", [])
         print(f"resumed {state_path} at step {st['step']} "
               f"({st['wall_s'] / 60:.1f} min trained so far)", flush=True)
-    apply_reschedule(st, stored and stored["hparams"], hp, "train_ddpm")
+    apply_reschedule(st, stored, hp, "train_ddpm")
     del stored
     st["max_steps"] = max_steps
     st["sessions"].append({"start_step": st["step"], "threads": args.threads,

@@ -246,12 +246,12 @@ def train(args):
         ema.load_state_dict(stored["ema"])
         opt.load_state_dict(stored["opt"])
         torch.set_rng_state(stored["torch_rng"])
-        for k in ("step", "wall_s", "curve", "running", "sessions", "valid_mae", "reschedules"):
+        for k in ("step", "wall_s", "curve", "running", "sessions", "valid_mae"):
             if k in stored:
                 st[k] = stored[k]
         print(f"resumed {state_path} at step {st['step']} ({st['wall_s'] / 60:.1f} min so far)",
               flush=True)
-    apply_reschedule(st, stored and stored["hparams"], hp, "train_qm9")
+    apply_reschedule(st, stored, hp, "train_qm9")
     del stored
     st["max_steps"] = max_steps
     st["sessions"].append({"start_step": st["step"], "threads": args.threads,
