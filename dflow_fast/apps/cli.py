@@ -92,6 +92,9 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--resume", action="store_true",
                    help="continue the job in --out: keep verified chunks, compute the rest")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--worker-timeout", type=float, default=300.0,
+                   help="seconds rank 0 waits on a worker that stopped beating before it gives "
+                        "up (the finished chunks are kept for --resume)")
 
 
 def _add_molecules_parser(sub) -> None:

@@ -10,14 +10,16 @@ solves chunks r, r + N, ...; gloo on the CPU, NCCL with one GPU per worker). Mod
 ``config.py`` (JobConfig, validation, per-problem seeds, fingerprint), ``inputs.py`` (datasets,
 image folders, array files, models, checked before any work), ``problems.py`` (one chunk's
 problems and its optimize call), ``chunks.py`` (atomic chunk files, manifest entries, resume,
-merge), ``dist.py`` (workers and devices), ``report.py`` (report.json/md, grids), ``runner.py``
+merge), ``dist.py`` (workers and devices), ``liveness.py`` (rank 0's watch over the other
+workers' beats), ``report.py`` (report.json/md, grids), ``runner.py``
 (``run``) and ``main.py`` (the command line's entry).
 """
 from .chunks import load_results
 from .config import DATASETS, JobConfig, JobInputError
 from .inputs import BUNDLED
+from .liveness import WorkerLost
 from .problems import KEYS, STATUS_NAMES
 from .runner import run
 
 __all__ = ["run", "JobConfig", "JobInputError", "load_results", "DATASETS", "BUNDLED", "KEYS",
-           "STATUS_NAMES"]
+           "STATUS_NAMES", "WorkerLost"]

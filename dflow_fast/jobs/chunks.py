@@ -8,6 +8,7 @@ Layout of ``OUT``::
     chunks/chunk-KKKKK.json       its manifest entry: SHA-256 and size of the chunk file, problems,
                                   loss sum, seconds, velocity calls, worker, device
     chunks/manifest.json          all entries in chunk order (rank 0, at the merge)
+    chunks/worker-R.beat          worker R's beat while it runs (liveness.py)
     results.safetensors           every problem, ordered by index (rank 0, at the merge)
 
 Every file is written atomically: a temporary file in the same folder, flushed and fsync'ed, then

@@ -46,7 +46,9 @@ class JobConfig:
     ``velocity(t, x) -> like x``. sigma: measurement noise std (None: the task's default).
     alpha: backward-blend weight of the initial x0 (0: pure noise). threads: torch threads per
     worker (results are bitwise reproducible at a fixed count). device: ``auto`` (one GPU per
-    worker where there are GPUs, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    worker where there are GPUs, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. worker_timeout:
+    seconds rank 0 waits for a silent worker's beat before it gives up on its unfinished chunks
+    (jobs/liveness.py).
     """
 
     task: str
@@ -67,6 +69,7 @@ class JobConfig:
     threads: int = 1
     resume: bool = False
     progress: bool = True
+    worker_timeout: float = 300.0
 
     @property
     def noise_sigma(self) -> float:
@@ -106,6 +109,10 @@ def validate(cfg: JobConfig) -> None:
         raise JobInputError(f"sigma must be a finite number >= 0, got {cfg.sigma!r}")
     if not (isinstance(cfg.alpha, (int, float)) and 0.0 <= cfg.alpha <= 1.0):
         raise JobInputError(f"alpha must be in [0, 1], got {cfg.alpha!r}")
+    if not (isinstance(cfg.worker_timeout, (int, float)) and not isinstance(cfg.worker_timeout, bool)
+            and math.isfinite(cfg.worker_timeout) and cfg.worker_timeout > 0):
+        raise JobInputError(f"worker_timeout must be a finite number of seconds > 0, got "
+                            f"{cfg.worker_timeout!r}")
     if not isinstance(cfg.out, str) or not cfg.out:
         raise JobInputError(f"out must be a folder path, got {cfg.out!r}")
     if not isinstance(cfg.model, str) or not cfg.model:

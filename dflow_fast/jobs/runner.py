@@ -7,8 +7,10 @@
 2. rank 0 sets up the folder: on a resume it verifies every chunk against its manifest entry and
    deletes the unfinished ones (a truncated or corrupt file, a file without entry), then writes
    ``job.json``;
-3. worker r solves chunks r, r + W, ... that have no entry, writing each atomically;
-4. rank 0 waits for every chunk's entry, merges, writes the report.
+3. worker r solves chunks r, r + W, ... that have no entry, writing each atomically; the
+   workers other than rank 0 beat meanwhile (liveness.py);
+4. rank 0 waits for every chunk's entry, giving up on a worker that stopped or fell silent
+   (:class:`~dflow_fast.jobs.liveness.WorkerLost`), merges, writes the report.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from . import report as R
 from .config import RESULT_FIELDS, JobConfig, JobInputError, fingerprint, validate
 from .dist import Workers, restarted, start
 from .inputs import CLASSIFIER, check_task_fit, load_inputs, load_velocity, probe
+from .liveness import Heartbeat, Watch, interval_for, remove_beats
 from .problems import Solver
 
 log = logging.getLogger("dflow_fast.jobs")
@@ -41,7 +44,9 @@ def run(config: JobConfig | None = None, **settings) -> dict:
 
     Returns the report (also ``out``/report.json) on rank 0; on the other workers
     ``{"rank", "computed", "kept"}``: the chunks this worker solved and found finished.
-    Raises :class:`JobInputError` before any work for settings or inputs that do not fit.
+    Raises :class:`JobInputError` before any work for settings or inputs that do not fit, and
+    on rank 0 :class:`~dflow_fast.jobs.liveness.WorkerLost` when another worker stops or falls
+    silent with chunks unfinished (the finished ones are kept for ``resume``).
     """
     cfg = dataclasses.replace(config, **settings) if config is not None else JobConfig(**settings)
     validate(cfg)
@@ -118,6 +123,7 @@ def _set_up(out: Path, solver: Solver, fp: str, job: dict, workers: Workers, res
     finished chunks."""
     (out / C.CHUNKS).mkdir(parents=True, exist_ok=True)
     C.remove_temporaries(out)
+    remove_beats(out)  # an earlier run's "done" or "stopped" must not speak for this one
     kept = []
     if resume:
         for k in range(solver.chunks):
@@ -165,6 +171,28 @@ def _run(cfg: JobConfig, workers: Workers) -> dict:
     done: dict[int, dict] = {k: C.read_entry(out, k) for k in kept}
     bar = _bar(cfg, workers, solver, kept)
     look = workers.rank == 0 and workers.world > 1
+    if workers.rank != 0:
+        with Heartbeat(out, workers.rank, interval_for(cfg.worker_timeout)):
+            computed = _solve_own(cfg, workers, solver, out, fp, done, bar, look)
+        return {"rank": workers.rank, "computed": computed,
+                "kept": sorted(set(done) - set(computed))}
+    watch = Watch(out, workers.world, cfg.worker_timeout)
+    _solve_own(cfg, workers, solver, out, fp, done, bar, look)
+    while len(done) < solver.chunks:  # the other workers' chunks, by their manifest entries
+        time.sleep(POLL)
+        _refresh(bar, out, fp, solver.chunks, done, True)
+        watch.check(_pending(solver.chunks, workers.world, done))
+    if bar is not None:
+        bar.close()
+    now = time.perf_counter()
+    return _finish(cfg, workers, solver, fp, job, [done[k] for k in range(solver.chunks)],
+                   computed_here=len(set(range(solver.chunks)) - set(kept)),
+                   kept=len(kept), wall=now - t_start, chunks_wall=now - t_chunks)
+
+
+def _solve_own(cfg: JobConfig, workers: Workers, solver: Solver, out: Path, fp: str,
+               done: dict[int, dict], bar, look: bool) -> list[int]:
+    """This worker's chunks r, r + W, ... that have no entry yet; returns those it computed."""
     computed = []
     for k in range(workers.rank, solver.chunks, workers.world):
         entry = C.read_entry(out, k)
@@ -181,18 +209,12 @@ def _run(cfg: JobConfig, workers: Workers) -> dict:
             "world": workers.world, "device": str(workers.device), "threads": cfg.threads})
         computed.append(k)
         _refresh(bar, out, fp, solver.chunks, done, look)
-    if workers.rank != 0:
-        return {"rank": workers.rank, "computed": computed,
-                "kept": sorted(set(done) - set(computed))}
-    while len(done) < solver.chunks:  # the other workers' chunks, by their manifest entries
-        time.sleep(POLL)
-        _refresh(bar, out, fp, solver.chunks, done, True)
-    if bar is not None:
-        bar.close()
-    now = time.perf_counter()
-    return _finish(cfg, workers, solver, fp, job, [done[k] for k in range(solver.chunks)],
-                   computed_here=len(set(range(solver.chunks)) - set(kept)),
-                   kept=len(kept), wall=now - t_start, chunks_wall=now - t_chunks)
+    return computed
+
+
+def _pending(n_chunks: int, world: int, done: dict) -> dict[int, list[int]]:
+    """rank -> its chunks without an entry yet."""
+    return {r: [k for k in range(r, n_chunks, world) if k not in done] for r in range(world)}
 
 
 def _bar(cfg: JobConfig, workers: Workers, solver: Solver, kept: list[int]):

@@ -68,7 +68,7 @@ def test_cli_choices_are_the_packages():
     args = build_parser().parse_args(["run", "--task", "sr4", "--data", "d", "--out", "o"])
     defaults = JobConfig(task="sr4", data="d", out="o")
     for field in ("batch", "steps", "solver", "gradient", "max_iter", "sigma", "alpha", "seed",
-                  "dtype", "device", "threads", "model"):
+                  "dtype", "device", "threads", "model", "worker_timeout"):
         assert getattr(args, field) == getattr(defaults, field), field
 
 
