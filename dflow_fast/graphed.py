@@ -50,7 +50,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .core.checks import check_gradient, check_x0
+from .core.checks import check_cost_value, check_depends, check_gradient, check_x0
 from .core.plan import make_plan
 from .core.precision import resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
@@ -324,16 +324,11 @@ class GraphedObjective:
             x1 = run(self.u.rows(take), self.plan, x0, self.gradient, (), guard=False,
                      memory_budget=budget)
             full = x1 if slot.full else self.x1_ext.index_put((slot.put,), x1)[:B]
-            c = self.cost(full)
-            if not isinstance(c, Tensor) or c.shape != (B,):
-                got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
-                raise ValueError(f"cost(x1) must return one value per sample, shape [{B}], "
-                                 f"got {got}")
+            c = check_cost_value(self.cost(full), B)
             f = c if slot.full else c.index_select(0, take)
             if reg is not None and not fused:
                 f = f + self._reg_rows(take)(x0)
-            if f.grad_fn is None:
-                raise ValueError("cost(x1) does not depend on x1: there is nothing to optimize")
+            check_depends(f)
             # padded rows selected away (not multiplied by 0: 0 * NaN is NaN)
             total = f.sum() if slot.full else torch.where(slot.mask, f, torch.zeros_like(f)).sum()
             g, = torch.autograd.grad(total, x0)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .core.checks import check_gradient, check_x0
+from .core.checks import check_cost_value, check_depends, check_gradient, check_x0
 from .core.compiled import CompiledVelocity, check_compile
 from .core.plan import Plan, make_plan
 from .core.precision import resolve_autocast
@@ -116,14 +116,6 @@ class _Objective:
         self.x1_full: Optional[Tensor] = None  # accepted x1 of every sample, set by the optimizer
         self.nfe = torch.zeros(shape[0], dtype=torch.int64)
 
-    def _cost(self, x1_full: Tensor) -> Tensor:
-        c = self.cost(x1_full)
-        B = self.shape[0]
-        if not isinstance(c, Tensor) or c.shape != (B,):
-            got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
-            raise ValueError(f"cost(x1) must return one value per sample, shape [{B}], got {got}")
-        return c
-
     def __call__(self, idx: Optional[Tensor], X: Tensor):
         """idx: [n] sample indices or None for all; X: [n, D]. Returns (f [n], g [n, D],
         x1 [n, *S])."""
@@ -134,7 +126,7 @@ class _Objective:
             x1 = run(self.u.rows(idx), self.plan, x0, self.gradient, (), guard=False,
                      memory_budget=self.memory_budget)
             full = x1 if idx is None else self.x1_full.index_put((idx,), x1)
-            c = self._cost(full)
+            c = check_cost_value(self.cost(full), self.shape[0])
             f = c if idx is None else c[idx]
             # value and gradient in one fused op, unless d is per sample (ChiPrior(dim=...))
             fused = isinstance(self.reg, ChiPrior) and self.reg.fusable
@@ -142,8 +134,7 @@ class _Objective:
                 # a per-sample prior follows the rows being evaluated, as cond does
                 reg = self.reg.rows(idx) if isinstance(self.reg, ChiPrior) else self.reg
                 f = f + reg(x0)
-            if f.grad_fn is None:
-                raise ValueError("cost(x1) does not depend on x1: there is nothing to optimize")
+            check_depends(f)
             g, = torch.autograd.grad(f.sum(), x0)
             g = g.reshape(n, -1)
         if fused:

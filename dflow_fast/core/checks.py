@@ -25,6 +25,20 @@ def check_x0(x0: Tensor, name: str = "x0") -> None:
         raise ValueError(f"{name} has non-finite entries in sample(s) {bad.tolist()[:10]}")
 
 
+def check_cost_value(c, B: int) -> Tensor:
+    """``c`` = cost(x1) must be one value per sample, a tensor [B]; returns it."""
+    if not isinstance(c, Tensor) or c.shape != (B,):
+        got = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+        raise ValueError(f"cost(x1) must return one value per sample, shape [{B}], got {got}")
+    return c
+
+
+def check_depends(f: Tensor) -> None:
+    """The objective's value ``f`` must reach x0 through autograd, else there is no gradient."""
+    if f.grad_fn is None:
+        raise ValueError("cost(x1) does not depend on x1: there is nothing to optimize")
+
+
 def check_gradient(gradient: str, memory_budget: float | None = None) -> None:
     """A known gradient scheme; ``memory_budget`` only with "auto", a number of bytes >= 0."""
     if gradient not in GRADIENTS:
