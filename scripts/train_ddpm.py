@@ -65,8 +65,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dflow_fast.data import fashion_mnist  # noqa: E402
+from train_flow import ema_update  # noqa: E402  (the bundled flow's EMA, the same update)
 
 STATE_FORMAT = "dflow_fast.train_ddpm/1"
 EXPORT_FORMAT = "dflow_fast.models/1"
@@ -206,14 +208,6 @@ def lr_at(step: int, hp: dict) -> float:
     frac = min(1.0, (step - hp["warmup"]) / span)
     floor = hp["lr"] * hp["min_lr_ratio"]
     return floor + (hp["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
-    for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm, 1.0 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
 
 
 def ddpm_loss(model, scheduler, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
