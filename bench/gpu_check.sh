@@ -9,7 +9,8 @@
 #   parity     the parity suites of the cuda and triton backends (fp32/fp16/bf16/fp64), the cpp and
 #              solve suites, the reversible/auto suites, and the CUDA-graph tests of optimize /
 #              ValueAndGrad (tests/test_cuda_graphs.py: graphed == eager per scheme and backend), on
-#              the GPU
+#              the GPU, and diffusers models in bf16/fp16 solved in float32
+#              (tests/adapters/test_low_precision.py; needs diffusers: carry its wheel in PEER_WHEELS)
 #   gate       the parity gate on parity.xml (bench/parity_gate.py, as .github/workflows/gpu.yml runs
 #              it): fails unless a GPU is visible, the CUDA backend built, nothing failed, no
 #              cuda/triton test skipped, and every cuda/triton test the parity files define passed
@@ -42,7 +43,7 @@
 # Results (JSON, Markdown, PNG, logs) go to $RESULTS (default bench/results/gpu); when $OUT is set
 # (the device tool) everything is packed into $OUT/gpu_results.tgz and the built extension is
 # copied to $OUT so that a later call can carry it (DFLOW_FAST_PREBUILT=1). Offline extras:
-# PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching), DFLOW_FAST_FASHION_MNIST_DIR=data.
+# PEER_WHEELS=folder of wheels (torchdiffeq, flow_matching, diffusers), DFLOW_FAST_FASHION_MNIST_DIR=data.
 # Extra arguments per stage: GRADIENT_ARGS (and GRADIENT_NAME for the file), BUDGET_ARGS, E2E_ARGS;
 # PROFILE_ARGS, DEMO_ARGS, FASTPATH_ARGS, AUTOCAST_ARGS, JOBS_ARGS; time limits GRADIENT_LIMIT, E2E_LIMIT, DEMO_LIMIT,
 # FASTPATH_LIMIT (seconds).
@@ -102,12 +103,12 @@ parity() {
   set -o pipefail
   $PY -m pytest tests/ops/test_parity.py tests/ops/test_extension.py \
       tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py \
-      -q -p no:cacheprovider --maxfail=10 -rsx --junitxml="$RESULTS/parity.xml" 2>&1 \
+      tests/adapters/test_low_precision.py -q -p no:cacheprovider --maxfail=10 -rsx --junitxml="$RESULTS/parity.xml" 2>&1 \
       | tee "$RESULTS/parity.txt" | tail -30
 }
 gate() {
   $PY -m bench.parity_gate --junit "$RESULTS/parity.xml" --require-cuda --expect-collect \
-      "tests/ops/test_parity.py tests/ops/test_extension.py tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py -k 'cuda or triton'"
+      "tests/ops/test_parity.py tests/ops/test_extension.py tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py tests/adapters/test_low_precision.py -k 'cuda or triton'"
 }
 kernels() {
   set -o pipefail

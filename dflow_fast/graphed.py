@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .core.checks import check_cost_value, check_depends, check_gradient, check_x0
 from .core.plan import make_plan
-from .core.precision import resolve_autocast
+from .core.precision import compute_dtype, resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients import auto
 from .gradients.dispatch import run
@@ -406,7 +406,8 @@ class ValueAndGrad:
             u = CheckedVelocity(self.velocity, self.cond, x0.shape[0], autocast=low,
                                 key=self.velocity)
             plan = make_plan(self.solver, self.steps, self.t0, self.t1, self.time_grid, x0,
-                             self.backend, gradient=self.gradient, autocast=low)
+                             self.backend, gradient=self.gradient, autocast=low,
+                             low=compute_dtype(self.velocity, low))
             self.objective = GraphedObjective(
                 u, plan, self.cost, self.reg, self.gradient, x0.shape, self.memory_budget,
                 capture=capture and not _TWIN, mode=self.cuda_graphs, pad=False)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .core.checks import check_cost_value, check_depends, check_gradient, check_x0
 from .core.compiled import CompiledVelocity, check_compile
 from .core.plan import Plan, make_plan
-from .core.precision import resolve_autocast
+from .core.precision import compute_dtype, resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.dispatch import run
 from .graphed import GraphedObjective, check_cuda_graphs
@@ -242,7 +242,7 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
     if steps is None and time_grid is None:
         steps = DEFAULT_STEPS
     plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend, gradient=gradient,
-                     coupling=coupling, autocast=low)
+                     coupling=coupling, autocast=low, low=compute_dtype(velocity, low))
 
     cuda = x0.is_cuda
     if cuda:

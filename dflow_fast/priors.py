@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .core.checks import check_x0
 from .core.plan import make_plan
-from .core.precision import resolve_autocast
+from .core.precision import compute_dtype, resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.dispatch import run
 from .ops import twins
@@ -125,7 +125,8 @@ def backward_blend(velocity: Velocity, x1_guess: Tensor, *, alpha: float = 0.1, 
     if time_grid is not None:  # walked from its data end back to its noise end
         time_grid = torch.as_tensor(time_grid, dtype=torch.float64).flip(0)
         steps = None
-    plan = make_plan(solver, steps, 1.0, 0.0, time_grid, x1_guess, backend, autocast=low)
+    plan = make_plan(solver, steps, 1.0, 0.0, time_grid, x1_guess, backend, autocast=low,
+                     low=compute_dtype(velocity, low))
     with torch.no_grad():  # no graph: every gradient scheme is the same plain solve here
         x0_back = run(u, plan, x1_guess.detach(), "auto", (), False)
         # drawn on the generator's device (a CPU generator with CUDA data is common), then moved

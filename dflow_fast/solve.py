@@ -10,7 +10,7 @@ from torch import Tensor
 from .core.checks import check_gradient, check_params, check_x0
 from .core.cond import grad_tensors
 from .core.plan import make_plan
-from .core.precision import needs_scaling, resolve_autocast
+from .core.precision import compute_dtype, needs_scaling, resolve_autocast
 from .core.velocity import CheckedVelocity, Velocity
 from .gradients.common import find_params
 from .gradients.dispatch import run
@@ -83,10 +83,10 @@ def solve(velocity: Velocity, x0: Tensor, *, steps: int | None = None, solver: s
     low = resolve_autocast(autocast, x0)
     u = CheckedVelocity(velocity, cond, x0.shape[0], autocast=low)
     plan = make_plan(solver, steps, t0, t1, time_grid, x0, backend, gradient=gradient,
-                     coupling=coupling, autocast=low)
+                     coupling=coupling, autocast=low, low=compute_dtype(velocity, low))
     if params is None:  # discovered; plain backprop needs none (autograd finds them itself),
         # but under float16 its graph is owned by a Function (gradients.dispatch), like auto's
-        discover = gradient != "backprop" or needs_scaling(low)
+        discover = gradient != "backprop" or needs_scaling(plan.low)
         found, guard = (_unique(find_params(velocity) + grad_tensors(u.cond))
                         if discover else ()), True
     else:

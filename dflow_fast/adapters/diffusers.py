@@ -120,6 +120,13 @@ class _DiffusersVelocity(nn.Module):
                                  f"tensors receive gradients")
         self.fixed = dict(fixed_kwargs)
 
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        """The model's dtype: a float16 model's cotangents are scaled in the backward
+        (dflow_fast.core.precision), as under ``autocast=torch.float16``."""
+        dtype = getattr(self.model, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else None
+
     def _check_keys(self, kwargs: dict, what: str) -> None:
         bad = sorted(k for k in kwargs if k not in self._keywords)
         if bad and not self._any_kwargs:

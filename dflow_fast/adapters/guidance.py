@@ -13,7 +13,7 @@ Layer 3: imports nothing of dflow_fast.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -98,6 +98,11 @@ class GuidedVelocity:
         self.velocity = velocity
         self.scale = _check_scale(scale)
         self.uncond = _check_uncond(uncond)
+
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        """The guided velocity's own (dflow_fast.core.precision), if it declares one."""
+        return getattr(self.velocity, "compute_dtype", None)
 
     def __repr__(self) -> str:
         return (f"GuidedVelocity(scale={self.scale:g}, uncond keys={sorted(self.uncond)}, "

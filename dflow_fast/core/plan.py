@@ -88,8 +88,10 @@ def make_grid(steps: int | None, t0: float, t1: float,
 class Plan:
     """A solve's static description: solver, grid, its time points as 0-dim tensors on x's
     device and dtype (built once per solve with one host-to-device copy), the backend ops that
-    perform the state algebra, the coupling of a coupled reversible solver, and the dtype the
-    velocity runs in under ``autocast`` (None: the state's own; docs/design.md section 5)."""
+    perform the state algebra, the coupling of a coupled reversible solver, the dtype the
+    velocity runs in under ``autocast`` (None: the state's own; docs/design.md section 5), and
+    ``low``: the low precision the velocity computes in, by autocast or by its own weights
+    (:func:`~dflow_fast.core.precision.compute_dtype`; float16 scales the backward's cotangents)."""
 
     solver: str
     grid: list[float]
@@ -97,14 +99,16 @@ class Plan:
     ops: Ops
     coupling: float | None = None
     autocast: torch.dtype | None = None
+    low: torch.dtype | None = None
 
     @classmethod
     def build(cls, solver: str, grid: list[float], like: Tensor, ops: Ops,
-              coupling: float | None = None, autocast: torch.dtype | None = None) -> "Plan":
+              coupling: float | None = None, autocast: torch.dtype | None = None,
+              low: torch.dtype | None = None) -> "Plan":
         n = len(grid) - 1
         pts = grid + [0.5 * (grid[k] + grid[k + 1]) for k in range(n)]
         return cls(solver, grid, torch.tensor(pts, dtype=like.dtype, device=like.device), ops,
-                   coupling, autocast)
+                   coupling, autocast, autocast if low is None else low)
 
     @property
     def steps(self) -> int:
@@ -134,10 +138,12 @@ class Plan:
 def make_plan(solver: str, steps: int | None, t0: float, t1: float,
               time_grid: Sequence[float] | Tensor | None, like: Tensor,
               backend: str | None = None, *, gradient: str | None = None,
-              coupling: float | None = None, autocast: torch.dtype | None = None) -> Plan:
+              coupling: float | None = None, autocast: torch.dtype | None = None,
+              low: torch.dtype | None = None) -> Plan:
     """Validate the solver options and build the plan for states like ``like`` [B, *S].
     ``autocast``: the velocity's dtype under torch.autocast, already resolved
-    (:func:`~dflow_fast.core.precision.resolve_autocast`)."""
+    (:func:`~dflow_fast.core.precision.resolve_autocast`); ``low``: the velocity's compute dtype
+    (:func:`~dflow_fast.core.precision.compute_dtype`; default: ``autocast``)."""
     check_solver(solver)
     if gradient == "reversible" and solver not in REVERSIBLE:
         raise ValueError(f"gradient='reversible' needs a reversible solver, one of "
@@ -145,4 +151,4 @@ def make_plan(solver: str, steps: int | None, t0: float, t1: float,
                          f"gradient='adjoint' or 'auto' with it)")
     coupling = check_coupling(solver, coupling)
     grid = make_grid(steps, t0, t1, time_grid)
-    return Plan.build(solver, grid, like, resolve(backend, like.device), coupling, autocast)
+    return Plan.build(solver, grid, like, resolve(backend, like.device), coupling, autocast, low)

@@ -15,6 +15,13 @@ results by the same power, which is exact in binary floating point (:func:`scale
 scale is per sample when only states receive gradients (samples are independent, docs/design.md
 section 1) and one for the batch when parameters do too (their gradient sums over samples).
 bfloat16 has float32's exponent range and needs no scaling.
+
+A velocity may run in low precision without autocast, its model's weights in float16 (a diffusers
+pipeline loaded with ``torch_dtype=torch.float16``; the diffusers adapter casts the state to the
+model's dtype and the output back). It says so with a ``compute_dtype`` attribute, and its
+cotangents are scaled the same way (:func:`compute_dtype`): without the scaling a cost whose
+gradient is small (a mean over a large latent) loses it in the cast down (measured on a float16
+UNet2DModel, cost scaled by 1e-12: gradient error 0.30 against float32, 5.8e-4 with scaling).
 """
 from __future__ import annotations
 
@@ -46,6 +53,16 @@ def resolve_autocast(autocast: torch.dtype | None, x0: Tensor) -> torch.dtype | 
         raise ValueError(f"autocast={autocast} runs the velocity of a float32 state in lower "
                          f"precision; x0 is {x0.dtype} (use a float32 x0, or autocast=None)")
     return autocast
+
+
+def compute_dtype(velocity, autocast: torch.dtype | None) -> torch.dtype | None:
+    """The low precision the velocity computes in: the autocast dtype (already resolved), else
+    the velocity's own ``compute_dtype`` attribute when it is float16 or bfloat16, else None.
+    Only float16 changes the gradients (:func:`needs_scaling`)."""
+    if autocast is not None:
+        return autocast
+    own = getattr(velocity, "compute_dtype", None)
+    return own if own in AUTOCAST_DTYPES else None
 
 
 def needs_scaling(low: torch.dtype | None) -> bool:

@@ -140,7 +140,7 @@ def _heun_backward(u, plan: Plan, k0: int, k1: int, a_y: Tensor, a_w: Tensor, pa
         yh_prev = ops.heun_predict(y, yh, f.detach(), -plan.h(k1 - 1))
     g = a_y * (0.5 * plan.h(k1 - 1))  # f_{k1} is internal to the segment: its own cotangent is 0
     for j in range(k1, k0, -1):  # the VJP of step j-1, whose evaluation is f_j = u(t_j, yhat_j)
-        w, gp = _vjp(f, leaf, params, g, plan.autocast)
+        w, gp = _vjp(f, leaf, params, g, plan.low)
         acc = accumulate(acc, gp)
         hnext = plan.h(j - 2) if j - 1 > k0 else 0.0
         a_y, a_w, g = ops.heun_adjoint(a_y, a_w, w, plan.h(j - 1), hnext)
@@ -150,7 +150,7 @@ def _heun_backward(u, plan: Plan, k0: int, k1: int, a_y: Tensor, a_w: Tensor, pa
         if rebuild:  # y_{j-1} and yhat_{j-2}
             y, yh_prev = ops.heun_step(y, point, f_j, f.detach(), -plan.h(j - 1), -hnext)
     # f = u(t_{k0}, yhat_{k0}) starts the segment; g is its cotangent
-    w, gp = _vjp(f, leaf, params, g, plan.autocast)
+    w, gp = _vjp(f, leaf, params, g, plan.low)
     acc = accumulate(acc, gp)
     a_w = ops.adjoint_euler(a_w, w)  # a + w
     return a_y, a_w, acc, ((y, leaf.detach()) if rebuild else None)
@@ -169,7 +169,7 @@ def _coupled_backward(u, plan: Plan, k0: int, k1: int, a_y: Tensor, a_z: Tensor,
         h = plan.h(k)
         y1 = y if rebuild else points[k - k0][1]
         vb, leaf = _eval(lambda x: base_velocity(u, plan, k, x, back=True), y1)
-        wb, gpb = _vjp(vb, leaf, params, a_z, plan.autocast)
+        wb, gpb = _vjp(vb, leaf, params, a_z, plan.low)
         b = ops.axpy(a_y, wb, h)  # total cotangent of y_{k+1}: a_y + h J_b^T a_z
         if rebuild:
             z = ops.axpy(z, vb.detach(), -h)
@@ -177,7 +177,7 @@ def _coupled_backward(u, plan: Plan, k0: int, k1: int, a_y: Tensor, a_z: Tensor,
         vf, leaf = _eval(lambda x: base_velocity(u, plan, k, x, back=False), zk)
         if rebuild:
             y = ops.coupled_inverse(y, zk, vf.detach(), lam, h)
-        wf, gpf = _vjp(vf, leaf, params, b, plan.autocast)
+        wf, gpf = _vjp(vf, leaf, params, b, plan.low)
         a_y, a_z = ops.coupled_adjoint(a_z, b, wf, lam, h)
         if params:  # both VJPs ran with the cotangent divided by h
             acc = accumulate(acc, [_scaled_sum(p, q, h) for p, q in zip(gpb, gpf)])

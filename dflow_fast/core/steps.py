@@ -78,15 +78,15 @@ def step_vjp(u: Velocity, plan: Plan, k: int, x: Tensor, a: Tensor,
     with torch.enable_grad():
         if plan.solver == "euler":
             xl = xd.requires_grad_(True)
-            w, *gp = vjp(u(plan.t(k), xl), (xl, *params), a * h, plan.autocast)
+            w, *gp = vjp(u(plan.t(k), xl), (xl, *params), a * h, plan.low)
             return ops.adjoint_euler(a, zero_if_none(w, a)), gp
         if v1 is None:
             with torch.no_grad():
                 v1 = u(plan.t(k), xd)
         xm = ops.axpy(xd, v1.detach(), 0.5 * h).requires_grad_(True)
-        w2, *gp2 = vjp(u(plan.tmid(k), xm), (xm, *params), a * h, plan.autocast)  # frees it
+        w2, *gp2 = vjp(u(plan.tmid(k), xm), (xm, *params), a * h, plan.low)  # frees it
         w2 = zero_if_none(w2, a)
         xl = xd.detach().requires_grad_(True)
-        w1, *gp1 = vjp(u(plan.t(k), xl), (xl, *params), w2 * (0.5 * h), plan.autocast)
+        w1, *gp1 = vjp(u(plan.t(k), xl), (xl, *params), w2 * (0.5 * h), plan.low)
     return (ops.adjoint_midpoint(a, w2, zero_if_none(w1, a)),
             [add_grads(p, q) for p, q in zip(gp2, gp1)])

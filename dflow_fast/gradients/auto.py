@@ -183,7 +183,8 @@ def graph_bytes(u: Velocity, plan: Plan, x0: Tensor, params: tuple[Tensor, ...])
     signature = u.signature() if hasattr(u, "signature") else ()
     entry, extra = _cache_of(getattr(u, "key", u))
     key = (*extra, tuple(x0.shape[1:]), x0.dtype, x0.device, plan.solver, plan.autocast,
-           tuple(id(p) for p in params), tuple(p.requires_grad for p in params), signature)
+           plan.low, tuple(id(p) for p in params), tuple(p.requires_grad for p in params),
+           signature)
     if entry is None:
         return measure_graph_bytes(u, plan, x0, params)
     if key not in entry:
@@ -270,7 +271,7 @@ class GraphSegment(torch.autograd.Function):
         graph, ctx.kept = ctx.kept, None  # consumed either way
         grads = None
         try:
-            grads = _graph_vjp(graph, inputs, cots, ctx.plan.autocast, not any(need_p))
+            grads = _graph_vjp(graph, inputs, cots, ctx.plan.low, not any(need_p))
         except torch.OutOfMemoryError:
             pass  # leave the except block first: its traceback holds the graph's buffers
         if grads is None:

@@ -41,7 +41,7 @@ def segment(kind: str, u: Velocity, plan: Plan, k0: int, k1: int, state: State,
     if kind == "reversible" and not plan.reversible:  # make_plan refuses it earlier for users
         raise ValueError(f"gradient='reversible' needs a reversible solver, one of "
                          f"{list(REVERSIBLE)}, got {plan.solver!r}")
-    if kind == "graph" and not needs_scaling(plan.autocast):
+    if kind == "graph" and not needs_scaling(plan.low):
         return advance(u, plan, k0, k1, state)
     if not needs_grad(state, params):
         with torch.no_grad():
