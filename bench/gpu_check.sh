@@ -9,8 +9,10 @@
 #   parity     the parity suites of the cuda and triton backends (fp32/fp16/bf16/fp64), the cpp and
 #              solve suites, the reversible/auto suites, and the CUDA-graph tests of optimize /
 #              ValueAndGrad (tests/test_cuda_graphs.py: graphed == eager per scheme and backend), on
-#              the GPU, and diffusers models in bf16/fp16 solved in float32
-#              (tests/adapters/test_low_precision.py; needs diffusers: carry its wheel in PEER_WHEELS)
+#              the GPU; diffusers models in bf16/fp16 solved in float32
+#              (tests/adapters/test_low_precision.py) and a flow_matching epsilon model under CUDA
+#              graphs (tests/adapters/test_flow_matching.py): carry diffusers' and flow_matching's
+#              wheels in PEER_WHEELS
 #   gate       the parity gate on parity.xml (bench/parity_gate.py, as .github/workflows/gpu.yml runs
 #              it): fails unless a GPU is visible, the CUDA backend built, nothing failed, no
 #              cuda/triton test skipped, and every cuda/triton test the parity files define passed
@@ -103,12 +105,13 @@ parity() {
   set -o pipefail
   $PY -m pytest tests/ops/test_parity.py tests/ops/test_extension.py \
       tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py \
-      tests/adapters/test_low_precision.py -q -p no:cacheprovider --maxfail=10 -rsx --junitxml="$RESULTS/parity.xml" 2>&1 \
+      tests/adapters/test_low_precision.py tests/adapters/test_flow_matching.py \
+      -q -p no:cacheprovider --maxfail=10 -rsx --junitxml="$RESULTS/parity.xml" 2>&1 \
       | tee "$RESULTS/parity.txt" | tail -30
 }
 gate() {
   $PY -m bench.parity_gate --junit "$RESULTS/parity.xml" --require-cuda --expect-collect \
-      "tests/ops/test_parity.py tests/ops/test_extension.py tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py tests/adapters/test_low_precision.py -k 'cuda or triton'"
+      "tests/ops/test_parity.py tests/ops/test_extension.py tests/test_solve.py tests/test_cond.py tests/gradients tests/test_cuda_graphs.py tests/adapters/test_low_precision.py tests/adapters/test_flow_matching.py -k 'cuda or triton'"
 }
 kernels() {
   set -o pipefail

@@ -190,6 +190,9 @@ def test_the_gate_expects_every_gpu_test_of_the_parity_stage():
         local = re.search(r'--expect-collect\s*\\?\s*"([^"]+)"', stage.group(1))
         assert local and shlex.split(local.group(1)) == args, "gpu_check.sh's gate stage and " \
                                                                "gpu.yml expect different tests"
+    # and README's "CI" section shows the job's command with the same selection
+    shown = re.search(r'--expect-collect\s*"([^"]+)"', (ROOT / "README.md").read_text())
+    assert shown and shlex.split(shown.group(1)) == args, "README's GPU job command is stale"
 
 
 def test_the_expected_gpu_tests_are_many_on_this_checkout():

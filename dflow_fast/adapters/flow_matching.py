@@ -77,10 +77,15 @@ class FlowMatchingVelocity:
     (docs/design.md section 2) then finds the model's parameters through its attributes whether
     the model is an ``nn.Module`` or a function closing over tensors.
 
-    For ``"epsilon"``/``"x1"`` with a 0-dim ``t`` the conversion coefficients are computed on the
-    host in float64 from the path's scheduler (one host read of t per evaluation, then cached per
-    time value) and applied as two scalar multiply-adds: the same formulas as flow_matching's
-    ``AffineProbPath`` methods, rounded once in float64 instead of in x's dtype.
+    For ``"epsilon"``/``"x1"`` the conversion coefficients are formed in float64 from the path's
+    scheduler, with flow_matching's ``AffineProbPath`` formulas, and rounded once to x's dtype
+    (flow_matching forms them in x's dtype). A 0-dim ``t`` on the CPU is read on the host, its
+    coefficients cached per time value and applied as two scalar multiply-adds. On an
+    accelerator, or with per-sample times [B], they are computed as tensors on t's device: no host
+    read of t, so a CUDA graph can capture the call. Their check for a singular point then reads
+    one flag on the host per evaluation, except while a CUDA graph is being captured, where no
+    host read is allowed: the capture's eager warm-up evaluates the same times first and has
+    checked them.
     """
 
     def __init__(self, model: Callable[..., Tensor], path: Any = None,
@@ -109,17 +114,15 @@ class FlowMatchingVelocity:
         undefined at ``t`` raises before the model runs."""
         if self.prediction == "velocity":
             return self.model(x=x, t=t, **cond)
-        if t.dim() == 0:
-            a, b = self.coefficients(float(t))
-        else:
-            a, b = self._batched_coefficients(t, x)
+        host = _host_time(t)
+        a, b = self.coefficients(float(t)) if host else self._tensor_coefficients(t, x)
         out = self.model(x=x, t=t, **cond)
         if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
             got = (f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor)
                    else type(out).__name__)
             raise ValueError(f"the model must return a tensor like x, {tuple(x.shape)} {x.dtype} "
                              f"(its {self.prediction} prediction), got {got}")
-        if t.dim() == 0:
+        if host:
             return out.mul(b).add_(x, alpha=a)  # a x + b out
         return a * x + b * out
 
@@ -139,10 +142,11 @@ class FlowMatchingVelocity:
             self._coefficients[t] = ab
         return ab
 
-    def _batched_coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample times t [B]: (a, b) as [B, 1, ...] tensors in x's dtype (formed in
-        float64), flow_matching's formulas."""
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+    def _tensor_coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Times t, 0-dim or per sample [B], on t's device: (a, b) as 0-dim or [B, 1, ...]
+        tensors in x's dtype (formed in float64), flow_matching's formulas. Checked for a
+        singular point with one host read, except while a CUDA graph captures (class doc)."""
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != x.shape[0]):
             raise ValueError(f"t must be 0-dim or [B] = [{x.shape[0]}], got shape "
                              f"{tuple(t.shape)}")
         s = self.path.scheduler(t.to(torch.float64))
@@ -152,14 +156,25 @@ class FlowMatchingVelocity:
         else:
             den, a = s.sigma_t, s.d_sigma_t / s.sigma_t
             b = (s.d_alpha_t * s.sigma_t - s.d_sigma_t * s.alpha_t) / s.sigma_t
-        bad = (den == 0) | ~torch.isfinite(a) | ~torch.isfinite(b)
-        if bool(bad.any()):
-            first = float(t[bad][0])
-            _coefficients(self.prediction, first, *_scalars(self.path.scheduler, first))
-            raise ValueError(f"prediction={self.prediction!r}: the path's scheduler gives a "
-                             f"non-finite conversion at t={first:g}")
-        shape = (-1,) + (1,) * (x.dim() - 1)
+        if not _capturing(t):
+            bad = (den == 0) | ~torch.isfinite(a) | ~torch.isfinite(b)
+            if bool(bad.any()):
+                first = float(t.reshape(-1)[bad.reshape(-1)][0])
+                _coefficients(self.prediction, first, *_scalars(self.path.scheduler, first))
+                raise ValueError(f"prediction={self.prediction!r}: the path's scheduler gives a "
+                                 f"non-finite conversion at t={first:g}")
+        shape = (-1,) + (1,) * (x.dim() - 1) if t.dim() else ()
         return a.to(x.dtype).reshape(shape), b.to(x.dtype).reshape(shape)
+
+
+def _host_time(t: Tensor) -> bool:
+    """A 0-dim time on the CPU: read on the host at no cost (no device to wait for)."""
+    return t.dim() == 0 and t.device.type == "cpu"
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of t's device."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _scalars(scheduler, t: float) -> tuple[float, float, float, float]:

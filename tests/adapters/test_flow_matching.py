@@ -27,6 +27,7 @@ from flow_matching.solver import ODESolver  # noqa: E402
 from flow_matching.utils import ModelWrapper  # noqa: E402
 
 import dflow_fast as df  # noqa: E402
+from dflow_fast.adapters import flow_matching as fm_adapter  # noqa: E402
 from dflow_fast.adapters import from_flow_matching  # noqa: E402
 
 F64 = torch.float64
@@ -291,3 +292,76 @@ def test_float32_coefficients_are_formed_in_float64():
         theirs = path.epsilon_to_velocity(m32(x=x.float(), t=t32), x.float(), t32).double()
         scale = float(ref.abs().max())  # measured: ours <= 1e-7, flow_matching's <= 2.2e-7
         assert _max_err(ours, ref) <= 1e-6 * scale and _max_err(theirs, ref) <= 1e-6 * scale
+
+
+# ----------------------------------------------- times on an accelerator: no host read of t
+# On the CPU a 0-dim t is read on the host (free); anywhere else the coefficients are tensors on
+# t's device. These tests force that path on the CPU (``_host_time`` patched) and count host
+# reads with dflow_fast.optim.syncs.HostReads, which counts them on any device.
+
+@pytest.mark.parametrize("name", ["condot", "cosine", "vp"])
+@pytest.mark.parametrize("prediction", ["epsilon", "x1"])
+def test_device_coefficients_equal_the_host_ones(name, prediction, monkeypatch):
+    m = _net(1)
+    u = from_flow_matching(m, AffineProbPath(SCHEDULERS[name]()), prediction)
+    x = torch.randn(5, 3, dtype=F64)
+    for tv in (0.03, 0.5, 0.97):
+        t = torch.tensor(tv, dtype=F64)
+        a, b = u._tensor_coefficients(t, x)
+        assert a.shape == b.shape == () and (float(a), float(b)) == u.coefficients(tv)  # bitwise
+        host = u(t, x)
+        monkeypatch.setattr(fm_adapter, "_host_time", lambda t: False)
+        dev = u(t, x)
+        monkeypatch.undo()
+        assert _max_err(dev, host) <= TOL * _terms(u, t, x, m(x=x, t=t)), tv
+
+
+def test_device_path_reads_the_host_once_and_never_while_capturing(monkeypatch):
+    from dflow_fast.optim.syncs import HostReads
+    m = _net(2)
+    u = from_flow_matching(m, CondOTProbPath(), "epsilon")
+    monkeypatch.setattr(fm_adapter, "_host_time", lambda t: False)
+    grid = torch.linspace(0.0, 1.0, 5, dtype=F64)  # computed, not made from Python data
+    x = torch.randn(4, 3, dtype=F64)
+    with HostReads() as reads:
+        u(grid[2], x)
+    assert reads.count == 1  # the singular-point check's flag
+    with pytest.raises(ValueError, match="alpha_t = 0"):  # the check names the fix, as on the host
+        u(grid[0], x)
+    monkeypatch.setattr(fm_adapter, "_capturing", lambda t: True)
+    with HostReads() as reads:
+        out = u(grid[2], x)
+    assert reads.count == 0
+    assert torch.equal(out, u._tensor_coefficients(grid[2], x)[0] * x
+                       + u._tensor_coefficients(grid[2], x)[1] * m(x=x, t=grid[2]))
+
+
+class DeviceNet(ModelWrapper):
+    """A flow_matching model with no CPU tensors inside (CUDA graphs capture it)."""
+
+    def __init__(self, dim: int = 3, hidden: int = 16):
+        super().__init__(None)
+        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+
+    def forward(self, x, t, **extras):
+        return self.net(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1).to(x.dtype)], 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("gradient", ["adjoint", "backprop", "auto"])
+def test_epsilon_adapter_is_captured_by_cuda_graphs(gradient):
+    """On CUDA an epsilon model's conversion needs no host read of t, so optimize(cuda_graphs=
+    True) captures it (no fallback) and gives the eager run's results (float64)."""
+    torch.manual_seed(4)
+    m = DeviceNet().double().cuda().requires_grad_(False)
+    u = from_flow_matching(m, AffineProbPath(CosineScheduler()), "epsilon")
+    g = torch.Generator().manual_seed(6)
+    x0, target = (torch.randn(8, 3, generator=g, dtype=F64).cuda() for _ in range(2))
+    runs = {graphs: df.optimize(u, lambda x1: (x1 - target).pow(2).sum(1), x0, steps=4, t0=0.05,
+                                gradient=gradient, max_iter=10, cuda_graphs=graphs)
+            for graphs in (False, True)}
+    rep = runs[True].extra["cuda_graphs"]
+    assert rep["fallback"] is None and rep["captures"] >= 1 and rep["replays"] > 0
+    for name in ("x0", "x1", "loss"):
+        a, b = getattr(runs[False], name), getattr(runs[True], name)
+        assert _max_err(a, b) <= 1e-10 * max(1.0, float(a.abs().max())), name
