@@ -13,7 +13,10 @@ keeps what finished):
   (``dflow_fast.ValueAndGrad``), eager against replayed from a CUDA graph; median seconds.
 - ``bf16``: one adjoint gradient (batch 8) through a DiT-style transformer velocity of about 100M
   parameters on 32x32x4 latents (bench/lib/dit.py), float32 against ``autocast=torch.bfloat16``,
-  and the bf16 gradient's relative error against the float32 one.
+  and the bf16 gradient's relative error against the float32 one. Beside them (no goal): the same
+  network with its weights in bfloat16 and in float16, as a pipeline loaded with ``torch_dtype``
+  (the state cast down and the output back, the dtype declared as ``compute_dtype``, so float16's
+  cotangents are scaled): ``bf16_weights_*`` and ``fp16_weights_*``.
 
 Goals (issue 16), each recorded with whether it is met: graphed >= 100x the per-image loop at
 equal mean PSNR (within ``PSNR_TOL`` dB on the same problems), batch-1 latency >= 3x eager, bf16
@@ -27,6 +30,7 @@ Writes ``bench/results/fastpath_<device>.{json,md}`` and ``_throughput.png``.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -193,6 +197,19 @@ def latency_b1(args, flow, images, device) -> dict:
     return out
 
 
+class _LowWeights(torch.nn.Module):
+    """``net`` with its weights in ``dtype``, called as an adapter calls such a model: the state
+    cast down, the output back to the state's dtype, the dtype declared as ``compute_dtype``."""
+
+    def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net = copy.deepcopy(net).to(dtype)
+        self.compute_dtype = dtype
+
+    def forward(self, t, x):
+        return self.net(t, x.to(self.compute_dtype)).to(x.dtype)
+
+
 def bf16(args, device) -> dict:
     import dflow_fast
     from bench.lib.dit import DIT_CONFIGS, build_dit
@@ -207,13 +224,22 @@ def bf16(args, device) -> dict:
         return (x1 - target).pow(2).flatten(1).mean(1)
     grads, out = {}, {"config": args.dit, "params": sum(p.numel() for p in net.parameters()),
                       "batch": args.dit_batch, "steps": args.steps, "gradient": "adjoint"}
-    for name, low in (("fp32", None), ("bf16", torch.bfloat16)):
-        vg = dflow_fast.ValueAndGrad(net, cost, steps=args.steps, gradient="adjoint",
+    runs = (("fp32", net, None), ("bf16", net, torch.bfloat16),
+            ("bf16_weights", _LowWeights(net, torch.bfloat16), None),
+            ("fp16_weights", _LowWeights(net, torch.float16), None))
+    for name, velocity, low in runs:
+        vg = dflow_fast.ValueAndGrad(velocity, cost, steps=args.steps, gradient="adjoint",
                                      autocast=low, cuda_graphs=False)
         out[f"{name}_s"] = _median_time(lambda: vg(x0), device, args.repeats, warmup=1)
         grads[name] = vg(x0)[1].double()
+
+    def err(name):
+        return float((grads[name] - grads["fp32"]).norm() / grads["fp32"].norm())
     out["speedup"] = out["fp32_s"] / out["bf16_s"]
-    out["grad_rel_err"] = float((grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm())
+    out["grad_rel_err"] = err("bf16")
+    for name in ("bf16_weights", "fp16_weights"):
+        out[f"{name}_speedup"] = out["fp32_s"] / out[f"{name}_s"]
+        out[f"{name}_grad_rel_err"] = err(name)
     return out
 
 
@@ -287,6 +313,13 @@ def markdown(payload: dict, meta: dict) -> str:
                   f"adjoint gradient at batch {bf['batch']}", "",
                   f"fp32 {bf['fp32_s'] * 1e3:.1f} ms, bf16 {bf['bf16_s'] * 1e3:.1f} ms, speed-up "
                   f"{bf['speedup']:.2f}x, gradient relative error {bf['grad_rel_err']:.2e}"]
+        if "bf16_weights_s" in bf:
+            lines += ["", "The same network with its weights in low precision (no autocast; "
+                      "the state cast down and back, float16's cotangents scaled): "
+                      + ", ".join(f"{n.replace('_weights', '')} weights "
+                                  f"{bf[n + '_s'] * 1e3:.1f} ms ({bf[n + '_speedup']:.2f}x, "
+                                  f"gradient error {bf[n + '_grad_rel_err']:.2e})"
+                                  for n in ("bf16_weights", "fp16_weights"))]
     lines += ["", "## goals", "", "| goal | target | measured | met |", "|:---|:---|:---|:---:|"]
     for name, gl in payload.get("goals", {}).items():
         measured = (", ".join(f"{t} {f(v and v['ratio'], '.0f')}x" for t, v in

@@ -31,6 +31,8 @@ def test_smoke_run_writes_every_field(tmp_path, capsys):
     assert bf["fp32_s"] > 0 and bf["bf16_s"] > 0
     # bf16 moves the gradient, but not wholesale (a broken autocast path would give ~1 or NaN)
     assert 0 < bf["grad_rel_err"] < 0.1
+    for name in ("bf16_weights", "fp16_weights"):  # the network's own weights in low precision
+        assert bf[f"{name}_s"] > 0 and 0 < bf[f"{name}_grad_rel_err"] < 0.1, name
     assert set(doc["goals"]) == {"e2e_graphed_vs_reference", "latency_b1", "bf16"}
     assert doc["goals"]["latency_b1"]["met"] is False  # nothing graphed on the CPU
     md = out.with_suffix(".md").read_text()
