@@ -135,6 +135,7 @@ void lbfgs_row(const scalar_t* g, const scalar_t* S, const scalar_t* Y, const sc
 
 at::Tensor axpy_cpu(const at::Tensor& x_, const at::Tensor& v_, double h) {
   check_elementwise("axpy", {{"x", &x_}, {"v", &v_}});
+  check_finite("axpy", {{"h", h}});
   const at::Tensor x = x_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   DFLOW_FAST_DISPATCH(x.scalar_type(), "dflow_fast::axpy", [&] {
@@ -178,6 +179,7 @@ at::Tensor adjoint_midpoint_cpu(const at::Tensor& a_, const at::Tensor& w2_,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chi_prior_cpu(const at::Tensor& x_, double weight) {
   check_chi_prior(x_);
+  check_finite("chi_prior", {{"weight", weight}});
   const at::Tensor x = x_.contiguous();
   const int64_t B = x.size(0), D = x.size(1);
   const auto stat = x.options().dtype(chi_prior_stat_dtype(x.scalar_type()));
@@ -244,6 +246,7 @@ at::Tensor lbfgs_direction_cpu(const at::Tensor& g_, const at::Tensor& S_, const
 at::Tensor heun_predict_cpu(const at::Tensor& y_, const at::Tensor& yhat_, const at::Tensor& f_,
                             double h) {
   check_elementwise("heun_predict", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}});
+  check_finite("heun_predict", {{"h", h}});
   const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous();
   at::Tensor out = at::empty(y.sizes(), y.options());
   DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::heun_predict", [&] {
@@ -262,6 +265,7 @@ std::tuple<at::Tensor, at::Tensor> heun_step_cpu(const at::Tensor& y_, const at:
                                                  const at::Tensor& f_, const at::Tensor& fnext_,
                                                  double h, double hnext) {
   check_elementwise("heun_step", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}, {"fnext", &fnext_}});
+  check_finite("heun_step", {{"h", h}, {"hnext", hnext}});
   const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous(),
                    fnext = fnext_.contiguous();
   at::Tensor y1 = at::empty(y.sizes(), y.options()), yhat2 = at::empty(y.sizes(), y.options());
@@ -286,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heun_adjoint_cpu(const at::Tensor
                                                                 const at::Tensor& w_, double h,
                                                                 double hnext) {
   check_elementwise("heun_adjoint", {{"a_y", &a_y_}, {"a_yhat", &a_yhat_}, {"w", &w_}});
+  check_finite("heun_adjoint", {{"h", h}, {"hnext", hnext}});
   const at::Tensor a_y = a_y_.contiguous(), a_yhat = a_yhat_.contiguous(), w = w_.contiguous();
   const auto opts = a_y.options();
   at::Tensor o_y = at::empty(a_y.sizes(), opts), o_yhat = at::empty(a_y.sizes(), opts),
@@ -312,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heun_adjoint_cpu(const at::Tensor
 at::Tensor coupled_forward_cpu(const at::Tensor& y_, const at::Tensor& z_, const at::Tensor& v_,
                                double lam, double h) {
   check_elementwise("coupled_forward", {{"y", &y_}, {"z", &z_}, {"v", &v_}});
+  check_finite("coupled_forward", {{"lam", lam}, {"h", h}});
   const at::Tensor y = y_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(y.sizes(), y.options());
   DFLOW_FAST_DISPATCH(y.scalar_type(), "dflow_fast::coupled_forward", [&] {
@@ -329,6 +335,7 @@ at::Tensor coupled_forward_cpu(const at::Tensor& y_, const at::Tensor& z_, const
 at::Tensor coupled_inverse_cpu(const at::Tensor& y1_, const at::Tensor& z_, const at::Tensor& v_,
                                double lam, double h) {
   check_elementwise("coupled_inverse", {{"y1", &y1_}, {"z", &z_}, {"v", &v_}});
+  check_finite("coupled_inverse", {{"lam", lam}, {"h", h}});
   check_coupled_inverse_lam(lam);
   const at::Tensor y1 = y1_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(y1.sizes(), y1.options());
@@ -348,6 +355,7 @@ at::Tensor coupled_inverse_cpu(const at::Tensor& y1_, const at::Tensor& z_, cons
 std::tuple<at::Tensor, at::Tensor> coupled_adjoint_cpu(const at::Tensor& a_z_, const at::Tensor& b_,
                                                        const at::Tensor& w_, double lam, double h) {
   check_elementwise("coupled_adjoint", {{"a_z", &a_z_}, {"b", &b_}, {"w", &w_}});
+  check_finite("coupled_adjoint", {{"lam", lam}, {"h", h}});
   const at::Tensor a_z = a_z_.contiguous(), b = b_.contiguous(), w = w_.contiguous();
   at::Tensor o_y = at::empty(a_z.sizes(), a_z.options()),
              o_z = at::empty(a_z.sizes(), a_z.options());

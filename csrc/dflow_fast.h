@@ -32,6 +32,10 @@ void check_chi_prior(const at::Tensor& x);
 // g: [B, D]; S, Y: [B, m, D]; rho: [B, m]; gamma: [B]; one dtype and device.
 void check_lbfgs(const at::Tensor& g, const at::Tensor& S, const at::Tensor& Y,
                  const at::Tensor& rho, const at::Tensor& gamma);
+// Every (name, value) is finite (a step size, a coupling, a weight). Example:
+// check_finite("axpy", {{"h", h}}).
+using NamedScalar = std::pair<const char*, double>;
+void check_finite(const char* op, std::initializer_list<NamedScalar> args);
 // coupled_inverse divides by lam: nonzero.
 void check_coupled_inverse_lam(double lam);
 // dtype of chi_prior's sq and value outputs: fp32 for fp16/bf16 inputs, else x's dtype.

@@ -3,6 +3,7 @@
 // (meta) kernels and autograd formulas are registered from Python in dflow_fast/ops/ext.py.
 #include <torch/library.h>
 
+#include <cmath>
 #include <sstream>
 
 #include "dflow_fast.h"
@@ -80,6 +81,13 @@ void check_lbfgs(const at::Tensor& g, const at::Tensor& S, const at::Tensor& Y,
     TORCH_CHECK(t->scalar_type() == g.scalar_type() && t->device() == g.device(),
                 "dflow_fast::lbfgs_direction: ", name, " must have g's dtype and device; g is ",
                 describe(g), ", ", name, " is ", describe(*t));
+  }
+}
+
+void check_finite(const char* op, std::initializer_list<NamedScalar> args) {
+  for (const auto& [name, value] : args) {
+    TORCH_CHECK(std::isfinite(value), "dflow_fast::", op, ": ", name, " must be finite, got ",
+                value);
   }
 }
 

@@ -401,6 +401,7 @@ __global__ void __launch_bounds__(kMaxRowThreads)
 
 at::Tensor axpy_cuda(const at::Tensor& x_, const at::Tensor& v_, double h) {
   check_elementwise("axpy", {{"x", &x_}, {"v", &v_}});
+  check_finite("axpy", {{"h", h}});
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -437,6 +438,7 @@ at::Tensor adjoint_midpoint_cuda(const at::Tensor& a_, const at::Tensor& w2_,
 at::Tensor heun_predict_cuda(const at::Tensor& y_, const at::Tensor& yhat_, const at::Tensor& f_,
                              double h) {
   check_elementwise("heun_predict", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}});
+  check_finite("heun_predict", {{"h", h}});
   const c10::cuda::CUDAGuard guard(y_.device());
   const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous();
   at::Tensor out = at::empty(y.sizes(), y.options());
@@ -452,6 +454,7 @@ std::tuple<at::Tensor, at::Tensor> heun_step_cuda(const at::Tensor& y_, const at
                                                   const at::Tensor& f_, const at::Tensor& fnext_,
                                                   double h, double hnext) {
   check_elementwise("heun_step", {{"y", &y_}, {"yhat", &yhat_}, {"f", &f_}, {"fnext", &fnext_}});
+  check_finite("heun_step", {{"h", h}, {"hnext", hnext}});
   const c10::cuda::CUDAGuard guard(y_.device());
   const at::Tensor y = y_.contiguous(), yhat = yhat_.contiguous(), f = f_.contiguous(),
                    fnext = fnext_.contiguous();
@@ -470,6 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heun_adjoint_cuda(const at::Tenso
                                                                  const at::Tensor& w_, double h,
                                                                  double hnext) {
   check_elementwise("heun_adjoint", {{"a_y", &a_y_}, {"a_yhat", &a_yhat_}, {"w", &w_}});
+  check_finite("heun_adjoint", {{"h", h}, {"hnext", hnext}});
   const c10::cuda::CUDAGuard guard(a_y_.device());
   const at::Tensor a_y = a_y_.contiguous(), a_yhat = a_yhat_.contiguous(), w = w_.contiguous();
   const auto opts = a_y.options();
@@ -488,6 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heun_adjoint_cuda(const at::Tenso
 at::Tensor coupled_forward_cuda(const at::Tensor& y_, const at::Tensor& z_, const at::Tensor& v_,
                                 double lam, double h) {
   check_elementwise("coupled_forward", {{"y", &y_}, {"z", &z_}, {"v", &v_}});
+  check_finite("coupled_forward", {{"lam", lam}, {"h", h}});
   const c10::cuda::CUDAGuard guard(y_.device());
   const at::Tensor y = y_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
   at::Tensor out = at::empty(y.sizes(), y.options());
@@ -504,6 +509,7 @@ at::Tensor coupled_forward_cuda(const at::Tensor& y_, const at::Tensor& z_, cons
 at::Tensor coupled_inverse_cuda(const at::Tensor& y1_, const at::Tensor& z_, const at::Tensor& v_,
                                 double lam, double h) {
   check_elementwise("coupled_inverse", {{"y1", &y1_}, {"z", &z_}, {"v", &v_}});
+  check_finite("coupled_inverse", {{"lam", lam}, {"h", h}});
   check_coupled_inverse_lam(lam);
   const c10::cuda::CUDAGuard guard(y1_.device());
   const at::Tensor y1 = y1_.contiguous(), z = z_.contiguous(), v = v_.contiguous();
@@ -522,6 +528,7 @@ std::tuple<at::Tensor, at::Tensor> coupled_adjoint_cuda(const at::Tensor& a_z_,
                                                         const at::Tensor& b_, const at::Tensor& w_,
                                                         double lam, double h) {
   check_elementwise("coupled_adjoint", {{"a_z", &a_z_}, {"b", &b_}, {"w", &w_}});
+  check_finite("coupled_adjoint", {{"lam", lam}, {"h", h}});
   const c10::cuda::CUDAGuard guard(a_z_.device());
   const at::Tensor a_z = a_z_.contiguous(), b = b_.contiguous(), w = w_.contiguous();
   at::Tensor o_y = at::empty(a_z.sizes(), a_z.options()),
@@ -539,6 +546,7 @@ std::tuple<at::Tensor, at::Tensor> coupled_adjoint_cuda(const at::Tensor& a_z_,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chi_prior_cuda(const at::Tensor& x_,
                                                                double weight) {
   check_chi_prior(x_);
+  check_finite("chi_prior", {{"weight", weight}});
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
   const int64_t B = x.size(0), D = x.size(1);

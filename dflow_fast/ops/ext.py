@@ -17,6 +17,8 @@ new contiguous tensors.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -63,6 +65,12 @@ def _check_like(op: str, ref_name: str, ref: Tensor, **others: Tensor) -> None:
                              f"{ref.device}, {name} is {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def _check_finite(op: str, **scalars: float) -> None:
+    for name, value in scalars.items():
+        torch._check(math.isfinite(value),
+                     lambda: f"dflow_fast::{op}: {name} must be finite, got {value}")
+
+
 def _new_like(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)  # contiguous, like the kernels
 
@@ -70,6 +78,7 @@ def _new_like(t: Tensor) -> Tensor:
 @torch.library.register_fake("dflow_fast::axpy")
 def _axpy_fake(x: Tensor, v: Tensor, h: float) -> Tensor:
     _check_like("axpy", "x", x, v=v)
+    _check_finite("axpy", h=h)
     return _new_like(x)
 
 
@@ -89,6 +98,7 @@ def _adjoint_midpoint_fake(a: Tensor, w2: Tensor, w1: Tensor) -> Tensor:
 def _chi_prior_fake(x: Tensor, weight: float) -> tuple[Tensor, Tensor, Tensor]:
     torch._check(x.dim() == 2, lambda: f"dflow_fast::chi_prior: x must be 2-D [B, D], got "
                                        f"{tuple(x.shape)}")
+    _check_finite("chi_prior", weight=weight)
     stat = torch.float32 if x.dtype in _LOW else x.dtype
     b = x.shape[0]
     return (x.new_empty(b, dtype=stat), x.new_empty(b, dtype=stat), _new_like(x))
@@ -108,6 +118,7 @@ def _lbfgs_direction_fake(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor, gamma: T
 @torch.library.register_fake("dflow_fast::heun_predict")
 def _heun_predict_fake(y: Tensor, yhat: Tensor, f: Tensor, h: float) -> Tensor:
     _check_like("heun_predict", "y", y, yhat=yhat, f=f)
+    _check_finite("heun_predict", h=h)
     return _new_like(y)
 
 
@@ -115,6 +126,7 @@ def _heun_predict_fake(y: Tensor, yhat: Tensor, f: Tensor, h: float) -> Tensor:
 def _heun_step_fake(y: Tensor, yhat: Tensor, f: Tensor, fnext: Tensor, h: float,
                     hnext: float) -> tuple[Tensor, Tensor]:
     _check_like("heun_step", "y", y, yhat=yhat, f=f, fnext=fnext)
+    _check_finite("heun_step", h=h, hnext=hnext)
     return _new_like(y), _new_like(y)
 
 
@@ -122,18 +134,21 @@ def _heun_step_fake(y: Tensor, yhat: Tensor, f: Tensor, fnext: Tensor, h: float,
 def _heun_adjoint_fake(a_y: Tensor, a_yhat: Tensor, w: Tensor, h: float,
                        hnext: float) -> tuple[Tensor, Tensor, Tensor]:
     _check_like("heun_adjoint", "a_y", a_y, a_yhat=a_yhat, w=w)
+    _check_finite("heun_adjoint", h=h, hnext=hnext)
     return _new_like(a_y), _new_like(a_y), _new_like(a_y)
 
 
 @torch.library.register_fake("dflow_fast::coupled_forward")
 def _coupled_forward_fake(y: Tensor, z: Tensor, v: Tensor, lam: float, h: float) -> Tensor:
     _check_like("coupled_forward", "y", y, z=z, v=v)
+    _check_finite("coupled_forward", lam=lam, h=h)
     return _new_like(y)
 
 
 @torch.library.register_fake("dflow_fast::coupled_inverse")
 def _coupled_inverse_fake(y1: Tensor, z: Tensor, v: Tensor, lam: float, h: float) -> Tensor:
     _check_like("coupled_inverse", "y1", y1, z=z, v=v)
+    _check_finite("coupled_inverse", lam=lam, h=h)
     torch._check(lam != 0, lambda: "dflow_fast::coupled_inverse: lam must be nonzero (the "
                                    "inverse divides by it), got 0")
     return _new_like(y1)
@@ -143,6 +158,7 @@ def _coupled_inverse_fake(y1: Tensor, z: Tensor, v: Tensor, lam: float, h: float
 def _coupled_adjoint_fake(a_z: Tensor, b: Tensor, w: Tensor, lam: float,
                           h: float) -> tuple[Tensor, Tensor]:
     _check_like("coupled_adjoint", "a_z", a_z, b=b, w=w)
+    _check_finite("coupled_adjoint", lam=lam, h=h)
     return _new_like(a_z), _new_like(a_z)
 
 

@@ -140,7 +140,12 @@ def test_fake_kernel_matches_the_kernel(name, dtype):
     (lambda x: ops.lbfgs_direction(x, x[:, None], x[:, None], x[:, :2], x[:, 0]),
      r"lbfgs_direction: expected g \[B, D\], S and Y \[B, m, D\], rho \[B, m\], gamma \[B\]"),
     (lambda x: ops.coupled_inverse(x, x, x, 0.0, 0.1), r"coupled_inverse: lam must be nonzero"),
-], ids=["axpy", "heun_step", "chi_prior", "lbfgs_direction", "coupled_inverse"])
+    (lambda x: ops.coupled_forward(x, x, x, float("nan"), 0.1),
+     r"coupled_forward: lam must be finite, got nan"),
+    (lambda x: ops.heun_adjoint(x, x, x, 0.1, float("inf")),
+     r"heun_adjoint: hnext must be finite, got inf"),
+], ids=["axpy", "heun_step", "chi_prior", "lbfgs_direction", "coupled_inverse",
+        "coupled_forward-nan", "heun_adjoint-inf"])
 def test_fake_kernel_checks_inputs_like_the_kernel(call, message):
     extension()
     with pytest.raises(RuntimeError, match=message):

@@ -487,9 +487,19 @@ BAD_INPUTS = {
                               (RuntimeError, r"coupled_adjoint: w must have the shape, dtype and "
                                              r"device of a_z; .* float64"),
                               (ValueError, "coupled_adjoint: w must match a_z .*float64")),
-    # the C++ kernels accept a NaN coupling (and return NaN)
+    # non-finite scalars: refused by every compiled backend (the twins would return NaN/inf)
     "coupled_forward-nan": (lambda o, x, lb: o.coupled_forward(x, x, x, float("nan"), 0.1),
-                            None, (ValueError, "coupled_forward: lam must be finite")),
+                            (RuntimeError, "coupled_forward: lam must be finite, got nan"),
+                            (ValueError, "coupled_forward: lam must be finite")),
+    "axpy-inf": (lambda o, x, lb: o.axpy(x, x, float("inf")),
+                 (RuntimeError, "axpy: h must be finite, got inf"),
+                 (ValueError, "axpy: h must be finite")),
+    "heun_step-nan": (lambda o, x, lb: o.heun_step(x, x, x, x, 0.1, float("nan")),
+                      (RuntimeError, "heun_step: hnext must be finite, got nan"),
+                      (ValueError, "heun_step: hnext must be finite")),
+    "chi_prior-inf": (lambda o, x, lb: o.chi_prior(x, float("-inf")),
+                      (RuntimeError, "chi_prior: weight must be finite, got -inf"),
+                      (ValueError, "chi_prior: weight must be finite")),
     "coupled_forward-shape": (lambda o, x, lb: o.coupled_forward(x, x, x[:1], 0.5, 0.1),
                               (RuntimeError, r"coupled_forward: v must have the shape"),
                               (ValueError, r"coupled_forward: v must match y in shape")),
