@@ -297,6 +297,8 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
                "gradient": gradient, "options": dataclasses.asdict(opts),
                "measuring_calls": u.measuring_calls,
                "autocast": None if low is None else str(low).removeprefix("torch."),
+               # the precision whose cotangent scaling applies: autocast's or the velocity's own
+               "compute_dtype": None if plan.low is None else str(plan.low).removeprefix("torch."),
                "compile": None if compile_options is None else  # JSON-friendly
                {k: v if isinstance(v, (str, int, float, bool)) else repr(v)
                 for k, v in compile_options.items()},

@@ -151,6 +151,7 @@ def test_optimize_under_autocast_keeps_its_state_in_float32():
     res = df.optimize(v, cost, x0, autocast=torch.bfloat16, **kw)
     ref = df.optimize(v, cost, x0, **kw)
     assert seen == {torch.float32} and res.extra["autocast"] == "bfloat16"
+    assert res.extra["compute_dtype"] == "bfloat16"
     assert res.x0.dtype == res.x1.dtype == res.loss.dtype == torch.float32
     assert all(h[-1] < h[0] for h in res.history)
     assert rel_err(res.loss, ref.loss) < 0.2

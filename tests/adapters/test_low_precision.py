@@ -117,3 +117,5 @@ def test_low_precision_transformer_under_guidance_and_optimize(device, dtype):
     start = cost(df.solve(vs[dtype], x0, steps=3, cond=cond))
     res = df.optimize(vs[dtype], cost, x0, steps=3, cond=cond, max_iter=3)
     assert res.x0.dtype == torch.float32 and bool((res.loss < start).all()), (res.loss, start)
+    assert res.extra["compute_dtype"] == str(dtype).removeprefix("torch.")
+    assert res.extra["autocast"] is None  # the model's own precision, no autocast region
