@@ -136,11 +136,13 @@ class Watch:
             if now - last_change > self.timeout:
                 heard = ("has not beaten" if beat is None
                          else f"has not beaten in {now - last_change:.0f} s")
+                why = ("it died before its first beat, or OUT is not on a file system its node "
+                       "shares with rank 0's" if beat is None
+                       else "it was killed or its node was lost")
                 raise WorkerLost(f"worker {rank}{where} {heard} (worker_timeout "
                                  f"{self.timeout:g} s; its beat file "
                                  f"{beat_path(self.out, rank)}) and chunks {chunks} are "
-                                 f"unfinished: it was killed or its node was lost. "
-                                 + _resume_hint(self.out))
+                                 f"unfinished: {why}. " + _resume_hint(self.out))
 
 
 def _resume_hint(out: Path) -> str:
