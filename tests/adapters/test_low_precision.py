@@ -29,6 +29,16 @@ TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 SCALES = (1.0, 1e-12)
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """On CUDA the float32 reference must be float32: cuDNN convolutions default to TF32 (10-bit
+    mantissa), as coarse as the float16 model under test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _x1_and_grad(velocity, x0, y, scale, gradient, **kw):
     x = x0.clone().requires_grad_(True)
     x1 = df.solve(velocity, x, steps=4, t0=0.02, gradient=gradient, **kw)
