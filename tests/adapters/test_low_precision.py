@@ -4,7 +4,7 @@ declares the model's dtype (``compute_dtype``), so a float16 model's backward co
 scaled as under ``autocast=torch.float16`` (dflow_fast/core/precision.py). Every case is compared
 with the same weights in float32; the tolerances are a few units of each dtype's rounding
 (bfloat16 keeps 8 significant bits, float16 11). On CUDA the same cases run on the GPU
-(bench/gpu_check.sh, stage parity)."""
+(bench/gpu_check.sh, stage parity), with one more: the U-Net captured by CUDA graphs."""
 from __future__ import annotations
 
 import pytest
@@ -129,3 +129,28 @@ def test_low_precision_transformer_under_guidance_and_optimize(device, dtype):
     assert res.x0.dtype == torch.float32 and bool((res.loss < start).all()), (res.loss, start)
     assert res.extra["compute_dtype"] == str(dtype).removeprefix("torch.")
     assert res.extra["autocast"] is None  # the model's own precision, no autocast region
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_unet_is_captured_by_cuda_graphs(dtype):
+    """A diffusers U-Net through the adapter reads nothing on the host, so optimize(cuda_graphs=
+    True) captures it (no fallback), in float32 and as a float16 model (its scaled backward
+    captured too), and gives the eager run's results (to rounding, amplified by five L-BFGS
+    iterations: a padded bucket may pick other convolution kernels; a wrong capture is off by
+    O(1))."""
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    u = from_diffusers(unet(dtype=dtype).cuda(), sched)
+    g = torch.Generator().manual_seed(7)
+    x0, y = (torch.randn(4, 1, 8, 8, generator=g).cuda() for _ in range(2))
+
+    def cost(x1):
+        return (x1 - y).pow(2).flatten(1).sum(1)
+    runs = {graphs: df.optimize(u, cost, x0, steps=3, t0=0.02, max_iter=5, cuda_graphs=graphs)
+            for graphs in (False, True)}
+    rep = runs[True].extra["cuda_graphs"]
+    assert rep["fallback"] is None and rep["captures"] >= 1 and rep["replays"] > 0, rep
+    assert runs[True].extra["compute_dtype"] == (None if dtype == torch.float32 else "float16")
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    for name in ("x0", "loss"):
+        assert rel_err(getattr(runs[True], name), getattr(runs[False], name)) <= tol, name
