@@ -30,7 +30,8 @@ TIMEOUT = datetime.timedelta(minutes=30)
 class Workers:
     """Where this process stands: ``rank`` of ``world`` workers, ``local_rank`` on its node,
     ``backend`` ("gloo", "nccl" or None for one process), ``owned``: this job created the
-    process group (and destroys it at the end)."""
+    process group (and destroys it at the end, unless a worker was ``lost``: tearing down an
+    NCCL communicator whose peer died can hang, so a lost job leaves it to process exit)."""
 
     rank: int = 0
     world: int = 1
@@ -38,6 +39,7 @@ class Workers:
     backend: str | None = None
     owned: bool = False
     device: torch.device = torch.device("cpu")
+    lost: bool = False
 
     def agree(self, ok: bool) -> bool:
         """True iff ``ok`` on every worker (an all-reduce of the minimum; a barrier too)."""
@@ -54,7 +56,7 @@ class Workers:
             self.agree(True)  # an all-reduce: NCCL's barrier() needs to guess the device
 
     def close(self) -> None:
-        if self.owned:
+        if self.owned and not self.lost:
             import torch.distributed as dist
             dist.destroy_process_group()
             self.owned = False

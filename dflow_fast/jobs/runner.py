@@ -29,7 +29,7 @@ from . import report as R
 from .config import RESULT_FIELDS, JobConfig, JobInputError, fingerprint, validate
 from .dist import Workers, restarted, start
 from .inputs import CLASSIFIER, check_task_fit, load_inputs, load_velocity, probe
-from .liveness import Heartbeat, Watch, interval_for, remove_beats
+from .liveness import Heartbeat, Watch, WorkerLost, interval_for, remove_beats
 from .problems import Solver
 
 log = logging.getLogger("dflow_fast.jobs")
@@ -56,6 +56,9 @@ def run(config: JobConfig | None = None, **settings) -> dict:
     try:
         workers = start(cfg.device)
         return _run(cfg, workers)
+    except WorkerLost:
+        workers.lost = True  # the group has a dead member: not torn down (Workers.close)
+        raise
     finally:
         if workers is not None:
             workers.close()

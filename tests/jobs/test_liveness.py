@@ -88,6 +88,20 @@ def test_watch_gives_up_on_a_stopped_worker_at_once(out):
     watch.check({1: []})  # all its chunks finished before it stopped: nothing lost
 
 
+def test_a_lost_group_is_not_torn_down(monkeypatch):
+    """Destroying an NCCL communicator whose peer died can hang: a job that lost a worker leaves
+    its process group to process exit; an intact one is destroyed as before."""
+    import torch.distributed as dist
+
+    from dflow_fast.jobs.dist import Workers
+    destroyed = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(1))
+    Workers(rank=0, world=2, backend="nccl", owned=True, lost=True).close()
+    assert destroyed == []
+    Workers(rank=0, world=2, backend="nccl", owned=True).close()
+    assert destroyed == [1]
+
+
 def test_beat_interval_follows_the_timeout():
     assert interval_for(300.0) == 10.0 and interval_for(2.0) == 0.2
 
