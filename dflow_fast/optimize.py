@@ -296,9 +296,9 @@ def optimize(velocity: Velocity, cost: Cost, x0: Tensor, *, steps: Optional[int]
         extra={"optimizer": optimizer, "solver": solver, "steps": plan.steps,
                "gradient": gradient, "options": dataclasses.asdict(opts),
                "measuring_calls": u.measuring_calls,
-               "autocast": None if low is None else str(low).removeprefix("torch."),
+               "autocast": _dtype_name(low),
                # the precision whose cotangent scaling applies: autocast's or the velocity's own
-               "compute_dtype": None if plan.low is None else str(plan.low).removeprefix("torch."),
+               "compute_dtype": _dtype_name(plan.low),
                "compile": None if compile_options is None else  # JSON-friendly
                {k: v if isinstance(v, (str, int, float, bool)) else repr(v)
                 for k, v in compile_options.items()},
@@ -339,6 +339,10 @@ def _progress_bar(progress: bool, total: int):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, desc="dflow_fast.optimize", unit="it")
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _summary(status: list[str]) -> str:

@@ -50,15 +50,19 @@ def entry_path(out: Path, k: int) -> Path:
     return Path(out) / CHUNKS / f"chunk-{k:05d}.json"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (tmp file, fsync, rename, fsync dir)."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (tmp file, rename) and, if ``durable``, so that it
+    survives a power cut (fsync the file before the rename, the folder after)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not durable:
+        return
     try:  # the rename itself survives a power cut only once the folder is synced
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # some platforms cannot open folders

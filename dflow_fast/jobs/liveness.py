@@ -11,8 +11,8 @@ unfinished chunks is ``stopped``, or when its counter has not changed for ``time
 (killed, or its node lost).
 
 Rank 0 compares counters on its own monotonic clock, never file times: the nodes' clocks need
-not agree. A beat is a plain write-and-rename (no fsync): it needs to be seen, not to survive a
-power cut. The beat thread runs between the worker's torch calls (they release the GIL), so a
+not agree. A beat is ``chunks.atomic_write`` without its fsyncs: it needs to be seen, not to
+survive a power cut. The beat thread runs between the worker's torch calls (they release the GIL), so a
 long chunk still beats.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .chunks import CHUNKS
+from .chunks import CHUNKS, atomic_write
 
 #: a worker's state in its beat file
 RUNNING, DONE, STOPPED = "running", "done", "stopped"
@@ -68,9 +68,7 @@ class Heartbeat:
         self.count += 1
         body = json.dumps({"rank": self.rank, "beat": self.count, "state": state,
                            "host": socket.gethostname(), "pid": os.getpid()})
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        tmp.write_text(body)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, body.encode(), durable=False)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

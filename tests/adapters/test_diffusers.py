@@ -19,19 +19,11 @@ from dflow_fast.adapters import DiffusionVelocity, FlowMatchVelocity, from_diffu
 from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
 
 from ..helpers import rel_err  # noqa: E402
+from .tiny_diffusers import UNET, sd3, unet  # noqa: E402
 
 #: numpy 2 deprecations inside diffusers' schedulers (np.array on tensors), not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 F64 = torch.float64
-UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
-            down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"))
-
-
-def unet(channels=1, dtype=torch.float32, seed=0, **kw):
-    torch.manual_seed(seed)
-    m = diffusers.UNet2DModel(in_channels=channels, out_channels=channels, **{**UNET, **kw})
-    return m.to(dtype).eval().requires_grad_(False)
 
 
 def cond_unet(dtype=F64, **kw):
@@ -41,15 +33,6 @@ def cond_unet(dtype=F64, **kw):
         block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
         attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **kw)
-    return m.to(dtype).eval().requires_grad_(False)
-
-
-def sd3(dtype=torch.float32):
-    torch.manual_seed(0)
-    m = diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-        caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
     return m.to(dtype).eval().requires_grad_(False)
 
 

@@ -17,7 +17,7 @@ from dflow_fast.adapters import classifier_free_guidance, from_diffusers  # noqa
 from dflow_fast.core.precision import compute_dtype  # noqa: E402
 
 from ..helpers import rel_err  # noqa: E402
-from .test_diffusers import sd3, unet  # noqa: E402
+from .tiny_diffusers import sd3, unet  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
